@@ -1,0 +1,97 @@
+"""Settings: one pydantic-settings object read from ``SARK_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_REGISTRY_PATH", "Settings", "get_settings"]
+
+DEFAULT_REGISTRY_PATH = Path(__file__).with_name("servers.yaml")
+
+TransportName = Literal["http", "sse", "stdio"]
+
+
+class Settings(BaseSettings):
+    """Everything a worker, a client or the reference Gateway needs to know.
+
+    Every field is read from ``SARK_<FIELD>`` (e.g. ``SARK_BROKER_URL``). Durations are seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SARK_", extra="ignore", frozen=True)
+
+    # --- broker, backend, Redis -------------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = Field(default=None, description="defaults to redis_url")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    result_expires: int = Field(default=86_400, gt=0, description="seconds results stay in the backend")
+    visibility_timeout: int = Field(default=3_600, gt=0, description="Redis broker redelivery delay")
+
+    # --- Gateway ------------------------------------------------------------------------------
+    gateway_url: str = "http://127.0.0.1:8080"
+    gateway_api_key: SecretStr | None = None
+    gateway_path_prefix: str = Field(default="", description='e.g. "/api/v1"; "" = the plan\'s paths')
+    gateway_timeout: float = Field(default=5.0, gt=0, description="discovery calls (servers, tools)")
+    health_timeout: float = Field(default=2.0, gt=0)
+    http_max_connections: int = Field(default=100, gt=0)
+    http_max_keepalive: int = Field(default=20, ge=0)
+    http_keepalive_expiry: float = Field(default=30.0, gt=0)
+    discovery_attempts: int = Field(default=3, ge=1)
+    discovery_wait_min: float = Field(default=2.0, ge=0)
+    discovery_wait_max: float = Field(default=10.0, ge=0)
+    invoke_attempts: int = Field(default=2, ge=1, description="invocations: retried only on timeout")
+    invoke_wait_min: float = Field(default=1.0, ge=0)
+    invoke_wait_max: float = Field(default=5.0, ge=0)
+
+    # --- invocations --------------------------------------------------------------------------
+    invoke_timeout: float = Field(default=30.0, gt=0, description="default per-invocation timeout")
+    max_invoke_timeout: float = Field(default=600.0, gt=0, description="largest timeout a task may ask")
+    max_argument_bytes: int = Field(default=1_048_576, gt=0)
+    max_result_bytes: int = Field(default=10_485_760, gt=0)
+
+    # --- streams ------------------------------------------------------------------------------
+    stream_maxlen: int = Field(default=100_000, gt=0, description="entries kept per stream")
+    stream_ttl: int = Field(default=3_600, gt=0, description="seconds a stream is kept after its end")
+    max_stream_chunks: int = Field(default=100_000, gt=0)
+
+    # --- queues -------------------------------------------------------------------------------
+    queue_http: str = "sark.http"
+    queue_sse: str = "sark.sse"
+    queue_stdio: str = "sark.stdio"
+
+    # --- server registry ----------------------------------------------------------------------
+    registry_path: Path = DEFAULT_REGISTRY_PATH
+
+    # --- logging ------------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> Settings:
+        if self.max_invoke_timeout >= self.visibility_timeout:
+            raise ValueError(
+                f"max_invoke_timeout ({self.max_invoke_timeout}s) must be below visibility_timeout "
+                f"({self.visibility_timeout}s), or running invocations would be redelivered"
+            )
+        if self.invoke_timeout > self.max_invoke_timeout:
+            raise ValueError("invoke_timeout must not exceed max_invoke_timeout")
+        return self
+
+    @property
+    def backend_url(self) -> str:
+        """Result backend URL (``result_backend`` or ``redis_url``)."""
+        return self.result_backend or self.redis_url
+
+    def queue_for(self, transport: TransportName) -> str:
+        """Queue that carries invocations of ``transport``."""
+        return {"http": self.queue_http, "sse": self.queue_sse, "stdio": self.queue_stdio}[transport]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings of this process, read once from the environment."""
+    return Settings()

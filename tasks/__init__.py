@@ -1,0 +1,1 @@
+"""Celery task definitions (public names in :mod:`workers.contract`)."""

@@ -1,0 +1,106 @@
+"""Task definitions. Names are public (see :mod:`workers.contract`); other apps ``send_task`` them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from celery import Task
+
+from workers.app import app
+from workers.contract import (
+    TASK_GET_SERVER,
+    TASK_HEALTH,
+    TASK_INVOKE,
+    TASK_LIST_SERVERS,
+    TASK_LIST_TOOLS,
+    TOKEN_HEADER,
+)
+from workers.errors import InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
+from workers.invoker import execute
+from workers.runtime import Runtime, get_runtime
+
+__all__ = ["get_server", "health", "invoke", "list_servers", "list_tools"]
+
+T = TypeVar("T")
+
+#: Seconds added to a call's own deadline before the task stops waiting for the loop.
+_WAIT_MARGIN = 5.0
+
+
+def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    try:
+        return runtime.loop.run(coro, timeout=timeout)
+    except TimeoutError:
+        raise InvocationTimeout(f"no result within {timeout:g}s") from None
+
+
+def _token(task: Task) -> str | None:
+    headers = task.request.headers or {}
+    token = headers.get(TOKEN_HEADER) or getattr(task.request, TOKEN_HEADER, None)
+    return str(token) if token else None
+
+
+@app.task(name=TASK_INVOKE, bind=True, throws=(SarkError,))
+def invoke(self: Task, invocation: Any) -> dict[str, Any]:
+    """Carry out one MCP tool invocation; returns InvocationResult JSON or raises a SarkError."""
+    runtime = get_runtime()
+    s = runtime.settings
+    request_id = str(self.request.id)
+    # The loop enforces the call's own timeouts; this is the outer bound on waiting for it.
+    wait = s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max) + _WAIT_MARGIN
+    result = _run(runtime, execute(runtime, invocation, token=_token(self), request_id=request_id), wait)
+    return result.model_dump(mode="json")
+
+
+@app.task(name=TASK_LIST_SERVERS, bind=True, throws=(SarkError,))
+def list_servers(self: Task, user_id: str | None = None) -> list[dict[str, Any]]:
+    """Servers the Gateway knows (``GET /servers``)."""
+    runtime = get_runtime()
+    servers = _run(runtime, runtime.gateway.list_servers(user_id), _discovery_wait(runtime))
+    return [s.model_dump(mode="json") for s in servers]
+
+
+@app.task(name=TASK_GET_SERVER, bind=True, throws=(SarkError,))
+def get_server(self: Task, server_id: str) -> dict[str, Any] | None:
+    """One Gateway server (``GET /servers/{id}``), or None when it does not exist."""
+    if not isinstance(server_id, str) or not server_id:
+        raise InvalidInvocation("server_id must be a non-empty string")
+    runtime = get_runtime()
+    info = _run(runtime, runtime.gateway.get_server_info(server_id), _discovery_wait(runtime))
+    return info.model_dump(mode="json") if info else None
+
+
+@app.task(name=TASK_LIST_TOOLS, bind=True, throws=(SarkError,))
+def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
+    """Tools of a registry server (through its transport), or every Gateway tool when None."""
+    runtime = get_runtime()
+    if server is None:
+        tools = _run(runtime, runtime.transport("http").list_tools(None), _discovery_wait(runtime))
+    else:
+        entry = runtime.registry.get(server)
+        if entry is None:
+            raise UnknownServer(f"unknown server {server!r}", {"server": server})
+        transport = runtime.transport("http" if entry.transport == "sse" else entry.transport)
+        tools = _run(runtime, transport.list_tools(entry), _discovery_wait(runtime))
+    return [t.model_dump(mode="json") for t in tools]
+
+
+@app.task(name=TASK_HEALTH, bind=True)
+def health(self: Task) -> dict[str, Any]:
+    """This worker's view: is the Gateway healthy, which transports it carries."""
+    runtime = get_runtime()
+    healthy = _run(runtime, runtime.gateway.health_check(), runtime.settings.health_timeout + _WAIT_MARGIN)
+    return {
+        "gateway": healthy,
+        "hostname": self.request.hostname or socket.gethostname(),
+        "pid": os.getpid(),
+        "transports": sorted(runtime.transports),
+    }
+
+
+def _discovery_wait(runtime: Runtime) -> float:
+    s = runtime.settings
+    return s.discovery_attempts * (s.gateway_timeout + s.discovery_wait_max) + _WAIT_MARGIN

@@ -1,0 +1,117 @@
+"""The Celery application: Redis broker and backend by default, JSON only, routing by transport."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from kombu import Queue
+
+from config.registry import Registry, RegistryError, load_registry
+from config.settings import Settings, get_settings
+from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
+from workers.runtime import close_runtime, get_runtime
+
+__all__ = ["app", "create_app"]
+
+log = logging.getLogger("sark.app")
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
+
+
+class InvocationRouter:
+    """Sends ``sark.invoke`` (and ``sark.list_tools``) to the queue of the target's transport."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @lru_cache(maxsize=1)  # noqa: B019 - one router per app, lives as long as the app
+    def _registry(self) -> Registry | None:
+        try:
+            return load_registry(self._settings.registry_path)
+        except RegistryError as exc:
+            log.warning("routing without a registry: %s", exc)
+            return None
+
+    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> Any:
+        if name == TASK_INVOKE:
+            invocation = (kwargs or {}).get("invocation")
+            if not isinstance(invocation, dict):
+                return {"queue": self._settings.queue_http}
+            transport = invocation.get("transport")
+            if transport is None:
+                registry = self._registry()
+                server = registry.get(str(invocation.get("server"))) if registry else None
+                transport = server.transport if server else "http"
+                if transport == "http" and invocation.get("stream"):
+                    transport = "sse"
+            if transport in ("http", "sse", "stdio"):
+                return {"queue": self._settings.queue_for(transport)}
+            return {"queue": self._settings.queue_http}
+        if name == TASK_LIST_TOOLS:
+            registry = self._registry()
+            server = registry.get(str((kwargs or {}).get("server"))) if registry else None
+            if server is not None and server.transport == "stdio":
+                return {"queue": self._settings.queue_stdio}
+        return {"queue": self._settings.queue_http}
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured from ``settings`` (default: the environment)."""
+    settings = settings or get_settings()
+    celery = Celery("sark", broker=settings.broker_url, backend=settings.backend_url, include=["tasks.invoke"])
+    celery.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        result_expires=settings.result_expires,
+        result_extended=False,
+        broker_transport_options=_transport_options(settings),
+        result_backend_transport_options=_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_queues=[Queue(settings.queue_http), Queue(settings.queue_sse), Queue(settings.queue_stdio)],
+        task_default_queue=settings.queue_http,
+        task_routes=(InvocationRouter(settings),),
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return celery
+
+
+app = create_app()
+
+
+@worker_process_init.connect
+def _start_child_runtime(**_: Any) -> None:
+    get_runtime()
+
+
+@worker_ready.connect
+def _start_main_runtime(sender: Any = None, **_: Any) -> None:
+    # Threads/solo pools run tasks in the main process: start the runtime before the first task.
+    pool_module = type(getattr(sender, "pool", None)).__module__
+    if not pool_module.endswith("prefork"):
+        get_runtime()
+
+
+worker_process_shutdown.connect(close_runtime)
+worker_shutdown.connect(close_runtime)

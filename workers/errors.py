@@ -1,0 +1,209 @@
+"""The one error hierarchy of sark-workers.
+
+Callers catch :class:`SarkError`; every failure a task can end with is one of these::
+
+    SarkError
+    ├── InvalidInvocation          bad input, refused before any network call
+    │   ├── UnknownServer          the server is not in the operator's registry
+    │   ├── PayloadTooLarge        arguments, result or stream over a configured limit
+    │   └── TokenExpired           the user's JWT expired while the task waited in the queue
+    ├── AuthorizationDenied        the Gateway said 403 (never retried)
+    ├── ToolError(status_code)     the tool or Gateway failed; carries an HTTP-like status
+    │   └── InvocationTimeout      no answer in time (status 504)
+    ├── TransportError             the target could not be talked to
+    │   ├── GatewayUnavailable     connection refused/reset, DNS, TLS
+    │   ├── ProtocolError          malformed SSE event, JSON-RPC line or JSON body
+    │   └── ServerCrashed          a stdio server exited or could not start
+    ├── CircuitOpen(retry_after)   the target's breaker is open; no call was made
+    └── Cancelled                  the invocation was cancelled by its caller
+
+Every error is rebuilt by Celery's JSON result backend from ``(message, detail)``: the
+constructor takes exactly the arguments kept in ``args``. Messages never contain tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthorizationDenied",
+    "Cancelled",
+    "CircuitOpen",
+    "GatewayUnavailable",
+    "InvalidInvocation",
+    "InvocationTimeout",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "SarkError",
+    "ServerCrashed",
+    "TokenExpired",
+    "ToolError",
+    "TransportError",
+    "UnknownServer",
+    "error_from_dict",
+]
+
+
+class SarkError(Exception):
+    """Base class of every error raised by sark-workers.
+
+    Args:
+        message: Human-readable text (never holds secrets).
+        detail: JSON-safe extra fields (``status_code``, ``retry_after``…).
+    """
+
+    code: ClassVar[str] = "sark_error"
+    #: Whether the breaker counts this error as a failure of the target.
+    counts_as_failure: ClassVar[bool] = False
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        self.message = message
+        self.detail: dict[str, Any] = dict(detail or {})
+        super().__init__(message, self.detail)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form used in stream terminal entries and the CLI."""
+        return {"type": type(self).__name__, "code": self.code, "message": self.message, **self.detail}
+
+
+class InvalidInvocation(SarkError):
+    """The invocation was refused before any network call (bad shape, limits, config)."""
+
+    code = "invalid_invocation"
+
+
+class UnknownServer(InvalidInvocation):
+    """The named server is not in the operator's registry."""
+
+    code = "unknown_server"
+
+
+class PayloadTooLarge(InvalidInvocation):
+    """Arguments, result or stream exceeded a configured limit."""
+
+    code = "payload_too_large"
+
+
+class TokenExpired(InvalidInvocation):
+    """The user's token expired before the invocation was carried out."""
+
+    code = "token_expired"
+
+
+class AuthorizationDenied(SarkError):
+    """The Gateway refused the invocation (HTTP 403). Never retried."""
+
+    code = "authorization_denied"
+
+
+class ToolError(SarkError):
+    """The tool or the Gateway failed; ``status_code`` follows HTTP semantics."""
+
+    code = "tool_error"
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None, *, status_code: int | None = None):
+        merged = dict(detail or {})
+        if status_code is not None:
+            merged["status_code"] = status_code
+        merged.setdefault("status_code", 500)
+        super().__init__(message, merged)
+
+    @property
+    def status_code(self) -> int:
+        """HTTP-like status of the failure (504 for timeouts)."""
+        return int(self.detail["status_code"])
+
+    @property
+    def counts_as_failure(self) -> bool:  # type: ignore[override]
+        """Server-side failures (5xx) count against the target's breaker; 4xx do not."""
+        return self.status_code >= 500
+
+
+class InvocationTimeout(ToolError):
+    """The target did not answer within the invocation's timeout (status 504)."""
+
+    code = "timeout"
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None, *, status_code: int = 504):
+        super().__init__(message, detail, status_code=status_code)
+
+
+class TransportError(SarkError):
+    """The target could not be talked to."""
+
+    code = "transport_error"
+    counts_as_failure = True
+
+
+class GatewayUnavailable(TransportError):
+    """Connecting to the Gateway failed (refused, reset, DNS, TLS)."""
+
+    code = "gateway_unavailable"
+
+
+class ProtocolError(TransportError):
+    """The peer sent something that breaks the protocol (bad JSON, SSE or JSON-RPC)."""
+
+    code = "protocol_error"
+
+
+class ServerCrashed(TransportError):
+    """A stdio MCP server exited, or could not be started."""
+
+    code = "server_crashed"
+
+
+class CircuitOpen(SarkError):
+    """The target's breaker is open: the call was not attempted.
+
+    ``detail["retry_after"]`` gives the seconds until the breaker lets a trial call through.
+    """
+
+    code = "circuit_open"
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until a trial call is allowed."""
+        return float(self.detail.get("retry_after", 0.0))
+
+
+class Cancelled(SarkError):
+    """The invocation was cancelled by its caller."""
+
+    code = "cancelled"
+
+
+_BY_NAME: dict[str, type[SarkError]] = {
+    cls.__name__: cls
+    for cls in (
+        SarkError,
+        InvalidInvocation,
+        UnknownServer,
+        PayloadTooLarge,
+        TokenExpired,
+        AuthorizationDenied,
+        ToolError,
+        InvocationTimeout,
+        TransportError,
+        GatewayUnavailable,
+        ProtocolError,
+        ServerCrashed,
+        CircuitOpen,
+        Cancelled,
+    )
+}
+
+
+def error_from_dict(data: dict[str, Any]) -> SarkError:
+    """Rebuild an error from :meth:`SarkError.to_dict` output (unknown types become ``SarkError``)."""
+    fields = dict(data)
+    cls = _BY_NAME.get(str(fields.pop("type", "")), SarkError)
+    fields.pop("code", None)
+    message = str(fields.pop("message", ""))
+    return cls(message, fields)

@@ -1,0 +1,283 @@
+"""Async client of the Gateway REST API (``shared/gateway-api.md``), on one pooled httpx client.
+
+Retry policy (the plan's contract): discovery calls up to ``discovery_attempts`` (3) attempts with
+exponential wait 2–10 s on transport errors and 5xx; invocations retried once and only on timeout.
+httpx errors are translated into :mod:`workers.errors` where they enter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from config.settings import Settings
+from workers import __version__
+from workers.errors import (
+    AuthorizationDenied,
+    GatewayUnavailable,
+    InvocationTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    SarkError,
+    ToolError,
+)
+from workers.models import GatewayServerInfo, GatewayToolInfo, describe_validation_error
+
+__all__ = ["GatewayClient"]
+
+log = logging.getLogger("sark.gateway_client")
+
+M = TypeVar("M", bound=BaseModel)
+_SNIPPET = 200
+
+
+def _snippet(body: bytes) -> str:
+    text = body[:_SNIPPET].decode("utf-8", "replace").strip()
+    return text + ("…" if len(body) > _SNIPPET else "")
+
+
+def _error_field(body: bytes, field: str) -> str:
+    """``body[field]`` when the body is a JSON object holding it, else a short text snippet."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _snippet(body) or "no body"
+    if isinstance(data, dict):
+        value = data.get(field) or data.get("detail") or data.get("error") or data.get("reason")
+        if value is not None:
+            return value if isinstance(value, str) else json.dumps(value)[:_SNIPPET]
+    return _snippet(body)
+
+
+def _is_retryable_discovery(exc: BaseException) -> bool:
+    if isinstance(exc, ToolError):
+        return exc.status_code >= 500
+    return isinstance(exc, GatewayUnavailable)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, InvocationTimeout)
+
+
+class GatewayClient:
+    """The Gateway REST API over one pooled ``httpx.AsyncClient``.
+
+    Args:
+        settings: URL, key, prefix, pool limits, timeouts and retry policy.
+        transport: optional httpx transport (tests of the client alone).
+    """
+
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._settings = settings
+        headers = {"Content-Type": "application/json", "User-Agent": f"sark-workers/{__version__}"}
+        if settings.gateway_api_key is not None:
+            headers["X-API-Key"] = settings.gateway_api_key.get_secret_value()
+        base_url = settings.gateway_url.rstrip("/") + "/" + settings.gateway_path_prefix.strip("/")
+        self.http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(settings.gateway_timeout),
+            limits=httpx.Limits(
+                max_connections=settings.http_max_connections,
+                max_keepalive_connections=settings.http_max_keepalive,
+                keepalive_expiry=settings.http_keepalive_expiry,
+            ),
+            transport=transport,
+        )
+
+    # --- plumbing -------------------------------------------------------------------------------
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float | None = None,
+        max_bytes: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[httpx.Response, bytes]:
+        """Send one request; return the response and its body (read up to ``max_bytes``)."""
+        request = self.http.build_request(
+            method, path, timeout=httpx.Timeout(timeout) if timeout else httpx.USE_CLIENT_DEFAULT, **kwargs
+        )
+        try:
+            response = await self.http.send(request, stream=True)
+            try:
+                body = await self._read_body(response, max_bytes)
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException as exc:
+            raise InvocationTimeout(
+                f"Gateway did not answer {method} {path} within {timeout or self._settings.gateway_timeout}s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise GatewayUnavailable(f"cannot reach the Gateway ({type(exc).__name__}: {exc})") from exc
+        return response, body
+
+    @staticmethod
+    async def _read_body(response: httpx.Response, max_bytes: int | None) -> bytes:
+        if max_bytes is None:
+            return await response.aread()
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise PayloadTooLarge(
+                f"result is {declared} bytes, limit is {max_bytes}",
+                {"limit": max_bytes, "size": int(declared), "what": "result"},
+            )
+        parts: list[bytes] = []
+        size = 0
+        async for piece in response.aiter_bytes():
+            size += len(piece)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"result exceeds {max_bytes} bytes", {"limit": max_bytes, "what": "result"}
+                )
+            parts.append(piece)
+        return b"".join(parts)
+
+    @staticmethod
+    def _json(body: bytes, what: str) -> Any:
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError(f"Gateway answered {what} with non-JSON body: {_snippet(body)!r}") from None
+
+    @staticmethod
+    def _raise_for_status(response: httpx.Response, body: bytes, what: str) -> None:
+        status = response.status_code
+        if status == 403:
+            raise AuthorizationDenied(f"Authorization denied: {_error_field(body, 'reason')}", {"status_code": 403})
+        if status >= 400:
+            raise ToolError(f"{what} failed: {_error_field(body, 'error')}", status_code=status)
+
+    async def _discover(self, call: Callable[[], Any]) -> Any:
+        s = self._settings
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(s.discovery_attempts),
+            wait=wait_exponential(multiplier=1, min=s.discovery_wait_min, max=s.discovery_wait_max),
+            retry=retry_if_exception(_is_retryable_discovery),
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _models(model: type[M], items: object, what: str) -> list[M]:
+        if not isinstance(items, list):
+            raise ProtocolError(f"Gateway {what}: expected a list")
+        try:
+            return [model.model_validate(item) for item in items]
+        except ValidationError as exc:
+            raise ProtocolError(f"Gateway {what}: {describe_validation_error(exc)}") from None
+
+    # --- the API ----------------------------------------------------------------------------------
+    async def list_servers(self, user_id: str | None = None) -> list[GatewayServerInfo]:
+        """``GET /servers``: every server the Gateway knows (optionally visible to ``user_id``)."""
+
+        async def call() -> list[GatewayServerInfo]:
+            params = {"user_id": user_id} if user_id else {}
+            response, body = await self._request("GET", "/servers", params=params)
+            self._raise_for_status(response, body, "list_servers")
+            data = self._json(body, "list_servers")
+            return self._models(GatewayServerInfo, (data or {}).get("servers", []), "list_servers")
+
+        result: list[GatewayServerInfo] = await self._discover(call)
+        return result
+
+    async def get_server_info(self, server_id: str) -> GatewayServerInfo | None:
+        """``GET /servers/{id}``; None when the Gateway says 404."""
+
+        async def call() -> GatewayServerInfo | None:
+            response, body = await self._request("GET", f"/servers/{server_id}")
+            if response.status_code == 404:
+                return None
+            self._raise_for_status(response, body, "get_server_info")
+            return self._models(GatewayServerInfo, [self._json(body, "get_server_info")], "get_server_info")[0]
+
+        result: GatewayServerInfo | None = await self._discover(call)
+        return result
+
+    async def list_tools(
+        self, server_id: str | None = None, server_name: str | None = None
+    ) -> list[GatewayToolInfo]:
+        """``GET /tools``, optionally filtered by server id or name."""
+
+        async def call() -> list[GatewayToolInfo]:
+            params = {k: v for k, v in (("server_id", server_id), ("server_name", server_name)) if v}
+            response, body = await self._request("GET", "/tools", params=params)
+            self._raise_for_status(response, body, "list_tools")
+            data = self._json(body, "list_tools")
+            return self._models(GatewayToolInfo, (data or {}).get("tools", []), "list_tools")
+
+        result: list[GatewayToolInfo] = await self._discover(call)
+        return result
+
+    async def invoke_tool(
+        self,
+        server_id: str,
+        tool_name: str,
+        parameters: dict[str, Any],
+        user_token: str | None,
+        request_id: str,
+        *,
+        timeout: float,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """``POST /invoke``; retried once, and only when the attempt timed out.
+
+        Raises:
+            AuthorizationDenied: 403 (never retried).
+            ToolError: any other status >= 400, carrying it.
+            InvocationTimeout: no answer within ``timeout`` on the last attempt (status 504).
+            ProtocolError: a success answer that is not a JSON object.
+        """
+        payload = {"server_id": server_id, "tool_name": tool_name, "parameters": parameters, "request_id": request_id}
+        headers = {"X-Request-ID": request_id}
+        if user_token:
+            headers["Authorization"] = f"Bearer {user_token}"
+        s = self._settings
+
+        async def call() -> dict[str, Any]:
+            response, body = await self._request(
+                "POST", "/invoke", json=payload, headers=headers, timeout=timeout, max_bytes=max_bytes
+            )
+            self._raise_for_status(response, body, "Tool execution")
+            data = self._json(body, "invoke")
+            if not isinstance(data, dict):
+                raise ProtocolError(f"Gateway answered invoke with {type(data).__name__}, expected an object")
+            return data
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(s.invoke_attempts),
+                wait=wait_exponential(multiplier=1, min=s.invoke_wait_min, max=s.invoke_wait_max),
+                retry=retry_if_exception(_is_timeout),
+                reraise=True,
+            ):
+                with attempt:
+                    return await call()
+        except InvocationTimeout:
+            raise InvocationTimeout(
+                f"Tool invocation timed out after {timeout:g} seconds "
+                f"({s.invoke_attempts} attempt{'s' if s.invoke_attempts > 1 else ''})"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def health_check(self) -> bool:
+        """``GET /health``: True on 200, False on anything else (never raises)."""
+        try:
+            response, _ = await self._request("GET", "/health", timeout=self._settings.health_timeout)
+        except SarkError as exc:
+            log.warning("gateway health check failed: %s", exc)
+            return False
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        await self.http.aclose()

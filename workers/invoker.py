@@ -1,0 +1,103 @@
+"""The invocation pipeline: validate → resolve server → call the transport → validate the result."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pydantic import ValidationError
+
+from config.registry import GatewayServer, StdioServer
+from config.settings import Settings
+from workers.errors import InvalidInvocation, PayloadTooLarge, ProtocolError, UnknownServer
+from workers.models import (
+    Invocation,
+    InvocationResult,
+    TransportName,
+    describe_validation_error,
+    json_size,
+    parse_invocation,
+)
+from workers.runtime import Runtime
+from workers.transports.base import Call
+
+__all__ = ["execute", "resolve", "resolve_timeout"]
+
+log = logging.getLogger("sark.invoke")
+
+
+def resolve(
+    invocation: Invocation, runtime_registry_get: GatewayServer | StdioServer | None
+) -> tuple[GatewayServer | StdioServer, TransportName]:
+    """The invocation's server entry and transport, checked against each other.
+
+    Raises:
+        UnknownServer: the server is not in the registry.
+        InvalidInvocation: the transport cannot reach that server.
+    """
+    server = runtime_registry_get
+    if server is None:
+        raise UnknownServer(f"unknown server {invocation.server!r}", {"server": invocation.server})
+    transport: TransportName = invocation.transport or ("sse" if invocation.stream and server.transport == "http"
+                                                        else server.transport)
+    gateway_pair = {"http", "sse"}
+    compatible = transport == server.transport or (transport in gateway_pair and server.transport in gateway_pair)
+    if not compatible:
+        raise InvalidInvocation(
+            f"server {server.name!r} is reached over {server.transport}, not {transport}",
+            {"server": server.name, "transport": transport},
+        )
+    return server, transport
+
+
+def resolve_timeout(invocation: Invocation, server: GatewayServer | StdioServer, settings: Settings) -> float:
+    """Invocation timeout: the task's, else the server's, else the default; capped by the maximum."""
+    wanted = invocation.timeout or server.timeout or settings.invoke_timeout
+    if wanted > settings.max_invoke_timeout:
+        raise InvalidInvocation(
+            f"timeout {wanted:g}s exceeds the maximum {settings.max_invoke_timeout:g}s",
+            {"limit": settings.max_invoke_timeout},
+        )
+    return wanted
+
+
+async def execute(
+    runtime: Runtime, raw: object, *, token: str | None, request_id: str, attempt: int = 1
+) -> InvocationResult:
+    """Carry out one enqueued invocation and return its validated result.
+
+    Raises:
+        SarkError: any typed failure; nothing else escapes for foreseeable problems.
+    """
+    settings = runtime.settings
+    invocation = parse_invocation(raw, max_argument_bytes=settings.max_argument_bytes)
+    server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
+    timeout = resolve_timeout(invocation, server, settings)
+    transport = runtime.transport(transport_name)
+    if invocation.stream:
+        raise InvalidInvocation("streaming is not available on this worker yet")
+    call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token)
+    started = time.perf_counter()
+    outcome = await transport.invoke(call)
+    duration_ms = (time.perf_counter() - started) * 1000.0
+    size = json_size(outcome.result)
+    if size > settings.max_result_bytes:
+        raise PayloadTooLarge(
+            f"result is {size} bytes, limit is {settings.max_result_bytes}",
+            {"limit": settings.max_result_bytes, "size": size, "what": "result"},
+        )
+    try:
+        return InvocationResult(
+            request_id=request_id,
+            server=server.name,
+            tool=invocation.tool,
+            transport=transport_name,
+            result=outcome.result,
+            is_error=outcome.is_error,
+            execution_time_ms=outcome.execution_time_ms,
+            duration_ms=duration_ms,
+            chunks=outcome.chunks,
+            attempt=attempt,
+        )
+    except ValidationError as exc:
+        raise ProtocolError(f"result does not validate: {describe_validation_error(exc)}") from None
