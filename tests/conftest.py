@@ -23,7 +23,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     """Redis + reference Gateway, and the ``SARK_*`` environment pointing at them."""
     saved = {k: v for k, v in os.environ.items() if k.startswith("SARK_")}
     workdir: Path = tmp_path_factory.mktemp("stack")
-    with DevStack(workdir) as st:
+    registry = Path(__file__).with_name("servers.yaml")
+    with DevStack(workdir, extra_env={"SARK_REGISTRY_PATH": str(registry)}) as st:
         st.start()
         st.apply_env()
         yield st
