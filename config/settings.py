@@ -72,10 +72,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:
-        if self.max_invoke_timeout >= self.visibility_timeout:
+        longest = self.invoke_attempts * (self.max_invoke_timeout + self.invoke_wait_max)
+        if longest >= self.visibility_timeout:
             raise ValueError(
-                f"max_invoke_timeout ({self.max_invoke_timeout}s) must be below visibility_timeout "
-                f"({self.visibility_timeout}s), or running invocations would be redelivered"
+                f"the longest invocation ({self.invoke_attempts} x (max_invoke_timeout "
+                f"{self.max_invoke_timeout:g}s + invoke_wait_max {self.invoke_wait_max:g}s) = {longest:g}s) "
+                f"must be below visibility_timeout ({self.visibility_timeout}s), "
+                "or running invocations would be redelivered"
             )
         if self.invoke_timeout > self.max_invoke_timeout:
             raise ValueError("invoke_timeout must not exceed max_invoke_timeout")

@@ -18,6 +18,8 @@ from workers.runtime import close_runtime, get_runtime
 __all__ = ["app", "create_app"]
 
 log = logging.getLogger("sark.app")
+# One line per HTTP request at INFO is noise on a busy worker.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:

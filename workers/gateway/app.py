@@ -87,7 +87,9 @@ class ControlState:
     status: int = 503
     body: str | dict[str, Any] = field(default_factory=lambda: {"error": "injected failure"})
     remaining: int | None = None
+    scope: Literal["invoke", "all"] = "invoke"
     invocations: int = 0
+    discovery_calls: int = 0
     request_ids: Counter[str] = field(default_factory=Counter)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
 
@@ -117,6 +119,15 @@ class ReferenceGateway:
         self.started = datetime.now(UTC)
 
     # --- checks ---------------------------------------------------------------------------------
+    def _discovery_gate(self, request: Request) -> Response | None:
+        """Key check, then injected failures when the control scope is ``all``."""
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        self.control.discovery_calls += 1
+        if self.control.scope == "all" and self.control.take() == "fail":
+            return _error(self.control.status, self.control.body)
+        return None
+
     def _check_key(self, request: Request) -> Response | None:
         if self.config.api_key and request.headers.get("x-api-key") != self.config.api_key:
             return JSONResponse({"error": "invalid or missing API key"}, status_code=401)
@@ -186,12 +197,12 @@ class ReferenceGateway:
         return JSONResponse({"status": "healthy"})
 
     async def list_servers(self, request: Request) -> Response:
-        if (denied := self._check_key(request)) is not None:
+        if (denied := self._discovery_gate(request)) is not None:
             return denied
         return JSONResponse({"servers": [self._server_info(s, request) for s in self.config.servers]})
 
     async def get_server(self, request: Request) -> Response:
-        if (denied := self._check_key(request)) is not None:
+        if (denied := self._discovery_gate(request)) is not None:
             return denied
         server_id = request.path_params["server_id"]
         if server_id not in self.config.servers:
@@ -199,7 +210,7 @@ class ReferenceGateway:
         return JSONResponse(self._server_info(server_id, request))
 
     async def list_tools(self, request: Request) -> Response:
-        if (denied := self._check_key(request)) is not None:
+        if (denied := self._discovery_gate(request)) is not None:
             return denied
         wanted = request.query_params.get("server_id") or request.query_params.get("server_name")
         servers = [s for s in self.config.servers if wanted in (None, s)]
@@ -266,6 +277,7 @@ class ReferenceGateway:
         ctl.status = int(body.get("status", 503))
         ctl.body = body.get("body", {"error": "injected failure"})
         ctl.remaining = body.get("remaining")
+        ctl.scope = body.get("scope", "invoke")
         return JSONResponse({"mode": ctl.mode, "remaining": ctl.remaining})
 
     async def control_stats(self, request: Request) -> Response:
@@ -273,7 +285,7 @@ class ReferenceGateway:
             return denied
         ctl = self.control
         return JSONResponse(
-            {"invocations": ctl.invocations, "request_ids": dict(ctl.request_ids), "headers": ctl.headers_seen}
+            {"invocations": ctl.invocations, "discovery_calls": ctl.discovery_calls, "request_ids": dict(ctl.request_ids), "headers": ctl.headers_seen}
         )
 
     async def control_reset(self, request: Request) -> Response:
