@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
@@ -57,8 +57,10 @@ class InvocationRouter:
                 transport = server.transport if server else "http"
                 if transport == "http" and invocation.get("stream"):
                     transport = "sse"
-            if transport in ("http", "sse", "stdio"):
-                return {"queue": self._settings.queue_for(transport)}
+            if transport == "sse":
+                return {"queue": self._settings.queue_sse}
+            if transport == "stdio":
+                return {"queue": self._settings.queue_stdio}
             return {"queue": self._settings.queue_http}
         if name == TASK_LIST_TOOLS:
             registry = self._registry()

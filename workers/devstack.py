@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -55,7 +56,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         try:
             if check():
                 return
-        except Exception:  # noqa: S110 - a failing probe means "not yet"
+        except Exception:  # a failing probe means "not yet"
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout}s")
@@ -96,10 +97,8 @@ class Proc:
         """Ask the process to stop, kill its whole group if it does not, and reap it."""
         if self.alive():
             self.send_signal(sig)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -246,9 +245,9 @@ class DevStack:
             self.procs.append(self.gateway)
         return self
 
-    def worker(self, name: str = "w1", *, env: Mapping[str, str] | None = None, **kwargs: object) -> Proc:
+    def worker(self, name: str = "w1", *, env: Mapping[str, str] | None = None, **kwargs: Any) -> Proc:
         """Start one more worker with the stack's environment (plus ``env``)."""
-        proc = start_worker(self.log_dir, {**self.base_env(), **(env or {})}, name=name, **kwargs)  # type: ignore[arg-type]
+        proc = start_worker(self.log_dir, {**self.base_env(), **(env or {})}, name=name, **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -273,7 +272,7 @@ class DevStack:
         self.stop()
 
     @contextlib.contextmanager
-    def running_worker(self, name: str = "w1", **kwargs: object) -> Iterator[Proc]:
+    def running_worker(self, name: str = "w1", **kwargs: Any) -> Iterator[Proc]:
         """A worker for the duration of a ``with`` block."""
         proc = self.worker(name, **kwargs)
         try:

@@ -1,7 +1,7 @@
 """Async client of the Gateway REST API (``shared/gateway-api.md``), on one pooled httpx client.
 
 Retry policy (the plan's contract): discovery calls up to ``discovery_attempts`` (3) attempts with
-exponential wait 2–10 s on transport errors and 5xx; invocations retried once and only on timeout.
+exponential wait 2-10 s on transport errors and 5xx; invocations retried once and only on timeout.
 httpx errors are translated into :mod:`workers.errors` where they enter.
 """
 

@@ -38,8 +38,8 @@ def resolve(
     server = runtime_registry_get
     if server is None:
         raise UnknownServer(f"unknown server {invocation.server!r}", {"server": invocation.server})
-    transport: TransportName = invocation.transport or ("sse" if invocation.stream and server.transport == "http"
-                                                        else server.transport)
+    default: TransportName = "sse" if invocation.stream and server.transport == "http" else server.transport
+    transport: TransportName = invocation.transport or default
     gateway_pair = {"http", "sse"}
     compatible = transport == server.transport or (transport in gateway_pair and server.transport in gateway_pair)
     if not compatible:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -88,9 +89,7 @@ class EventLoopThread:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        try:
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(timeout)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)

@@ -285,7 +285,12 @@ class ReferenceGateway:
             return denied
         ctl = self.control
         return JSONResponse(
-            {"invocations": ctl.invocations, "discovery_calls": ctl.discovery_calls, "request_ids": dict(ctl.request_ids), "headers": ctl.headers_seen}
+            {
+                "invocations": ctl.invocations,
+                "discovery_calls": ctl.discovery_calls,
+                "request_ids": dict(ctl.request_ids),
+                "headers": ctl.headers_seen,
+            }
         )
 
     async def control_reset(self, request: Request) -> Response:
