@@ -51,7 +51,11 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     request_id = str(self.request.id)
     # The loop enforces the call's own timeouts; this is the outer bound on waiting for it.
     wait = s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max) + _WAIT_MARGIN
-    result = _run(runtime, execute(runtime, invocation, token=_token(self), request_id=request_id), wait)
+    coro = execute(runtime, invocation, token=_token(self), request_id=request_id)
+    try:
+        result = runtime.run_invocation(request_id, coro, wait)
+    except TimeoutError:
+        raise InvocationTimeout(f"no result within {wait:g}s") from None
     return result.model_dump(mode="json")
 
 

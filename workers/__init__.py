@@ -1,3 +1,93 @@
-"""sark-workers: Celery workers carrying out MCP tool invocations over HTTP, SSE and stdio."""
+"""sark-workers: Celery workers carrying out MCP tool invocations over HTTP, SSE and stdio.
+
+The public API is what ``__all__`` lists (guarded by a test); everything else is internal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "TASK_BREAKERS",
+    "TASK_GET_SERVER",
+    "TASK_HEALTH",
+    "TASK_INVOKE",
+    "TASK_LIST_SERVERS",
+    "TASK_LIST_TOOLS",
+    "TOKEN_HEADER",
+    "AsyncSarkClient",
+    "AuthorizationDenied",
+    "Cancelled",
+    "Chunk",
+    "CircuitOpen",
+    "GatewayServerInfo",
+    "GatewayToolInfo",
+    "GatewayUnavailable",
+    "InvalidInvocation",
+    "Invocation",
+    "InvocationHandle",
+    "InvocationResult",
+    "InvocationTimeout",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "SarkClient",
+    "SarkError",
+    "ServerCrashed",
+    "TokenExpired",
+    "ToolError",
+    "TransportError",
+    "UnknownServer",
+    "__version__",
+]
+
+_LAZY = {
+    "AsyncSarkClient": "workers.client",
+    "InvocationHandle": "workers.client",
+    "SarkClient": "workers.client",
+    "Chunk": "workers.models",
+    "GatewayServerInfo": "workers.models",
+    "GatewayToolInfo": "workers.models",
+    "Invocation": "workers.models",
+    "InvocationResult": "workers.models",
+}
+
+if TYPE_CHECKING:
+    from workers.client import AsyncSarkClient, InvocationHandle, SarkClient
+    from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, Invocation, InvocationResult
+
+from workers.contract import (
+    TASK_BREAKERS,
+    TASK_GET_SERVER,
+    TASK_HEALTH,
+    TASK_INVOKE,
+    TASK_LIST_SERVERS,
+    TASK_LIST_TOOLS,
+    TOKEN_HEADER,
+)
+from workers.errors import (
+    AuthorizationDenied,
+    Cancelled,
+    CircuitOpen,
+    GatewayUnavailable,
+    InvalidInvocation,
+    InvocationTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    SarkError,
+    ServerCrashed,
+    TokenExpired,
+    ToolError,
+    TransportError,
+    UnknownServer,
+)
+
+
+def __getattr__(name: str) -> Any:
+    # Clients and models are imported on first use so `import workers.errors` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

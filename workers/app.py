@@ -8,12 +8,13 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.worker.control import control_command
 from kombu import Queue  # type: ignore[attr-defined]
 
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
-from workers.runtime import close_runtime, get_runtime
+from workers.runtime import close_runtime, current_runtime, get_runtime
 
 __all__ = ["app", "create_app"]
 
@@ -115,6 +116,13 @@ def _start_main_runtime(sender: Any = None, **_: Any) -> None:
     pool_module = type(getattr(sender, "pool", None)).__module__
     if not pool_module.endswith("prefork"):
         get_runtime()
+
+
+@control_command(args=[("request_id", str)], signature="<request_id>")
+def sark_cancel(state: Any, request_id: str) -> dict[str, Any]:
+    """Remote control: interrupt a running invocation in this worker (threads/solo pools)."""
+    runtime = current_runtime()
+    return {"ok": bool(runtime and runtime.cancel(request_id)), "request_id": request_id}
 
 
 worker_process_shutdown.connect(close_runtime)

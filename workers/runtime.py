@@ -6,25 +6,29 @@ shutdown. A forked child never reuses its parent's runtime: the pid is checked o
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from config.registry import Registry, load_registry
 from config.settings import Settings, get_settings
-from workers.errors import InvalidInvocation
+from workers.errors import Cancelled, InvalidInvocation
 from workers.gateway_client import GatewayClient
 from workers.loop import EventLoopThread
 from workers.models import TransportName
 from workers.transports.base import Transport
 from workers.transports.http import HttpTransport
 
-__all__ = ["Runtime", "close_runtime", "get_runtime"]
+__all__ = ["Runtime", "close_runtime", "current_runtime", "get_runtime"]
 
 log = logging.getLogger("sark.runtime")
+
+T = TypeVar("T")
 
 
 class Runtime:
@@ -35,6 +39,7 @@ class Runtime:
         self.registry = registry
         self.loop = EventLoopThread()
         self.transports: dict[TransportName, Transport] = {}
+        self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
         self.loop.run(self._open(), timeout=60)
 
     async def _open(self) -> None:
@@ -52,6 +57,30 @@ class Runtime:
             "http": HttpTransport(self.gateway, max_result_bytes=self.settings.max_result_bytes),
         }
         return transports
+
+    def run_invocation(self, request_id: str, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run an invocation's coroutine on the loop, cancellable by :meth:`cancel` meanwhile.
+
+        Raises:
+            Cancelled: :meth:`cancel` was called for ``request_id``.
+            TimeoutError: no result within ``timeout``.
+        """
+        future = self.loop.submit(coro)
+        self._inflight[request_id] = future
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise Cancelled(f"invocation {request_id} was cancelled", {"request_id": request_id}) from None
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no result within {timeout}s") from None
+        finally:
+            self._inflight.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        """Interrupt the running invocation ``request_id``; False when it does not run here."""
+        future = self._inflight.get(request_id)
+        return bool(future and future.cancel())
 
     def transport(self, name: TransportName) -> Transport:
         """The transport called ``name``.
@@ -102,6 +131,11 @@ def get_runtime(settings: Settings | None = None, registry: Registry | None = No
             _runtime_pid = pid
             log.info("runtime started", extra={"pid": pid, "servers": sorted(registry.servers)})
         return _runtime
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime if it was started, without starting one."""
+    return _runtime if _runtime_pid == os.getpid() else None
 
 
 def close_runtime(**_: Any) -> None:

@@ -1,0 +1,111 @@
+"""Unit tests of the public contract: API surface, errors, schemas, settings, registry, routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from celery.backends.base import Backend
+
+import workers
+from config.registry import RegistryError, StdioServer, load_registry
+from config.settings import Settings
+from workers import errors
+from workers.models import Chunk, parse_invocation
+
+PUBLIC_API = {
+    "TASK_BREAKERS", "TASK_GET_SERVER", "TASK_HEALTH", "TASK_INVOKE", "TASK_LIST_SERVERS", "TASK_LIST_TOOLS",
+    "TOKEN_HEADER", "AsyncSarkClient", "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen",
+    "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InvalidInvocation", "Invocation",
+    "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
+    "SarkError", "ServerCrashed", "TokenExpired", "ToolError", "TransportError", "UnknownServer", "__version__",
+}
+
+
+def test_public_api_is_stable() -> None:
+    assert set(workers.__all__) == PUBLIC_API
+    for name in workers.__all__:
+        assert getattr(workers, name) is not None
+
+
+def test_task_names_are_stable() -> None:
+    assert (workers.TASK_INVOKE, workers.TASK_LIST_SERVERS, workers.TASK_LIST_TOOLS, workers.TASK_HEALTH) == (
+        "sark.invoke", "sark.list_servers", "sark.list_tools", "sark.health")
+    assert workers.TOKEN_HEADER == "sark_token"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.ToolError("boom", status_code=502),
+        errors.InvocationTimeout("slow"),
+        errors.AuthorizationDenied("no", {"status_code": 403}),
+        errors.CircuitOpen("open", {"retry_after": 12.5}),
+        errors.PayloadTooLarge("big", {"limit": 10, "size": 11}),
+        errors.ServerCrashed("died"),
+    ],
+)
+def test_errors_survive_celery_json_backend(exc: errors.SarkError) -> None:
+    from celery import Celery
+
+    backend = Backend(app=Celery(set_as_current=False), serializer="json")
+    stored = backend.prepare_exception(exc, "json")
+    rebuilt = backend.exception_to_python(stored)
+    assert type(rebuilt) is type(exc)
+    assert str(rebuilt) == str(exc)
+    assert rebuilt.detail == exc.detail
+    assert errors.error_from_dict(exc.to_dict()).to_dict() == exc.to_dict()
+
+
+def test_error_classification() -> None:
+    assert errors.InvocationTimeout("t").status_code == 504
+    assert errors.ToolError("x", status_code=503).counts_as_failure
+    assert not errors.ToolError("x", status_code=404).counts_as_failure
+    assert errors.GatewayUnavailable("x").counts_as_failure
+    assert not errors.AuthorizationDenied("x").counts_as_failure
+    assert issubclass(errors.UnknownServer, errors.InvalidInvocation)
+    assert errors.CircuitOpen("o", {"retry_after": 3}).retry_after == 3
+
+
+def test_invalid_invocation_never_echoes_values() -> None:
+    with pytest.raises(errors.InvalidInvocation) as info:
+        parse_invocation({"server": "s", "tool": "t", "token": "secret-token-value"}, max_argument_bytes=100)
+    assert "secret-token-value" not in str(info.value)
+    assert "token" in str(info.value)
+    with pytest.raises(errors.PayloadTooLarge):
+        parse_invocation({"server": "s", "tool": "t", "arguments": {"x": "y" * 200}}, max_argument_bytes=100)
+
+
+def test_chunk_schema() -> None:
+    chunk = Chunk(seq=0, event_id="1", data={"a": 1})
+    assert set(chunk.model_dump()) == {"seq", "event_id", "event_type", "data", "retry", "ts"}
+
+
+def test_settings_refuse_timeouts_above_visibility() -> None:
+    with pytest.raises(ValueError, match="visibility_timeout"):
+        Settings(visibility_timeout=100, max_invoke_timeout=90, invoke_timeout=10)
+    assert Settings(visibility_timeout=1000, max_invoke_timeout=100).queue_for("stdio") == "sark.stdio"
+
+
+def test_registry_expands_placeholders_and_refuses_unknown_keys(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("servers:\n  t:\n    transport: stdio\n    command: '{bin}/mcp-server-time'\n")
+    server = load_registry(good).get("t")
+    assert isinstance(server, StdioServer) and Path(server.command).is_absolute()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("servers:\n  t:\n    transport: http\n    colour: blue\n")
+    with pytest.raises(RegistryError, match="colour"):
+        load_registry(bad)
+    with pytest.raises(RegistryError):
+        load_registry(tmp_path / "missing.yaml")
+
+
+def test_router_sends_invocations_to_their_transport_queue() -> None:
+    from workers.app import InvocationRouter
+
+    router = InvocationRouter(Settings())
+    route = lambda inv: router("sark.invoke", (), {"invocation": inv}, {})  # noqa: E731
+    assert route({"server": "echo", "tool": "x"}) == {"queue": "sark.http"}
+    assert route({"server": "echo", "tool": "x", "stream": True}) == {"queue": "sark.sse"}
+    assert route({"server": "whatever", "tool": "x", "transport": "stdio"}) == {"queue": "sark.stdio"}
+    assert router("sark.health", (), {}, {}) == {"queue": "sark.http"}

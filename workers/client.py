@@ -1,0 +1,181 @@
+"""Client for other applications: enqueue invocations and read their results, streams and errors.
+
+Apps that do not install this project can do the same with plain Celery (see README):
+``app.send_task("sark.invoke", kwargs={"invocation": {...}}, headers={"sark_token": token},
+queue="sark.http")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from config.settings import Settings, get_settings
+from workers.contract import (
+    TASK_GET_SERVER,
+    TASK_HEALTH,
+    TASK_INVOKE,
+    TASK_LIST_SERVERS,
+    TASK_LIST_TOOLS,
+    TOKEN_HEADER,
+)
+from workers.errors import InvocationTimeout, SarkError
+from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
+
+__all__ = ["AsyncSarkClient", "InvocationHandle", "SarkClient"]
+
+#: Control command the workers register to cancel an invocation that is already running.
+CANCEL_COMMAND = "sark_cancel"
+
+
+def _wait(pending: AsyncResult, timeout: float | None) -> Any:
+    try:
+        return pending.get(timeout=timeout, propagate=True)
+    except CeleryTimeout:
+        raise InvocationTimeout(f"no result for {pending.id} within {timeout}s") from None
+    except SarkError:
+        raise
+    except Exception as exc:  # a worker-side failure that is not ours: keep it typed
+        raise SarkError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class InvocationHandle:
+    """One enqueued invocation: wait for its result, follow its stream, or cancel it."""
+
+    def __init__(self, client: SarkClient, pending: AsyncResult) -> None:
+        self._client = client
+        self._pending = pending
+
+    @property
+    def id(self) -> str:
+        """The task id, also the ``request_id`` the target sees and the stream's key."""
+        return str(self._pending.id)
+
+    @property
+    def state(self) -> str:
+        """Celery state: PENDING, STARTED, SUCCESS, FAILURE, REVOKED…"""
+        return str(self._pending.state)
+
+    def result(self, timeout: float | None = None) -> InvocationResult:
+        """Wait for the result.
+
+        Raises:
+            SarkError: the invocation failed (its exact subclass), or no result within ``timeout``.
+        """
+        return InvocationResult.model_validate(_wait(self._pending, timeout))
+
+    def stream(self, *, after: str | None = None, block_ms: int = 5_000) -> Iterator[Chunk]:
+        """Chunks from the start (or after the Redis entry id ``after``), until the stream ends."""
+        from workers import stream_client
+
+        yield from stream_client.stream(self.id, redis_url=self._client.settings.redis_url, after=after,
+                                        block_ms=block_ms)
+
+    def cancel(self) -> None:
+        """Cancel: a queued invocation is never started, a running one is interrupted."""
+        self._pending.revoke()
+        self._client.app.control.broadcast(CANCEL_COMMAND, arguments={"request_id": self.id})
+
+
+class SarkClient:
+    """Synchronous client.
+
+    Args:
+        settings: broker/backend URLs, queue names (default: ``SARK_*`` environment).
+        app: an existing Celery app to send with (default: one configured from ``settings``).
+    """
+
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        self.settings = settings or get_settings()
+        if app is None:
+            from workers.app import create_app
+
+            app = create_app(self.settings)
+        self.app = app
+
+    def invoke(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        transport: TransportName | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> InvocationHandle:
+        """Enqueue one invocation (validated by the worker before any network call)."""
+        invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {}}
+        if transport is not None:
+            invocation["transport"] = transport
+        if stream:
+            invocation["stream"] = True
+        if timeout is not None:
+            invocation["timeout"] = timeout
+        headers = {TOKEN_HEADER: token} if token else None
+        pending = self.app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers=headers)
+        return InvocationHandle(self, pending)
+
+    def list_servers(self, user_id: str | None = None, timeout: float = 30) -> list[GatewayServerInfo]:
+        """Servers the Gateway knows."""
+        data = _wait(self.app.send_task(TASK_LIST_SERVERS, kwargs={"user_id": user_id}), timeout)
+        return [GatewayServerInfo.model_validate(item) for item in data]
+
+    def get_server(self, server_id: str, timeout: float = 30) -> GatewayServerInfo | None:
+        """One Gateway server, or None."""
+        data = _wait(self.app.send_task(TASK_GET_SERVER, kwargs={"server_id": server_id}), timeout)
+        return GatewayServerInfo.model_validate(data) if data else None
+
+    def list_tools(self, server: str | None = None, timeout: float = 30) -> list[GatewayToolInfo]:
+        """Tools of one registry server, or every Gateway tool."""
+        data = _wait(self.app.send_task(TASK_LIST_TOOLS, kwargs={"server": server}), timeout)
+        return [GatewayToolInfo.model_validate(item) for item in data]
+
+    def health(self, timeout: float = 30) -> dict[str, Any]:
+        """A worker's view of the Gateway and its transports."""
+        data: dict[str, Any] = _wait(self.app.send_task(TASK_HEALTH), timeout)
+        return data
+
+    def close(self) -> None:
+        """Release the broker and backend connections."""
+        self.app.close()
+
+
+class AsyncSarkClient:
+    """asyncio front of :class:`SarkClient` (blocking waits run in worker threads)."""
+
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        self.sync = SarkClient(settings, app)
+
+    async def invoke(self, server: str, tool: str, arguments: dict[str, Any] | None = None,
+                     **options: Any) -> InvocationHandle:
+        """Enqueue one invocation (see :meth:`SarkClient.invoke`)."""
+        return await asyncio.to_thread(self.sync.invoke, server, tool, arguments, **options)
+
+    async def result(self, handle: InvocationHandle, timeout: float | None = None) -> InvocationResult:
+        """Wait for ``handle``'s result without blocking the event loop."""
+        return await asyncio.to_thread(handle.result, timeout)
+
+    async def stream(self, handle: InvocationHandle, *, after: str | None = None) -> AsyncIterator[Chunk]:
+        """Chunks of ``handle``'s stream, read with the async Redis client."""
+        from workers import stream_client
+
+        async for chunk in stream_client.astream(handle.id, redis_url=self.sync.settings.redis_url, after=after):
+            yield chunk
+
+    async def list_servers(self, user_id: str | None = None) -> list[GatewayServerInfo]:
+        """Servers the Gateway knows."""
+        return await asyncio.to_thread(self.sync.list_servers, user_id)
+
+    async def list_tools(self, server: str | None = None) -> list[GatewayToolInfo]:
+        """Tools of one registry server, or every Gateway tool."""
+        return await asyncio.to_thread(self.sync.list_tools, server)
+
+    async def close(self) -> None:
+        """Release connections."""
+        await asyncio.to_thread(self.sync.close)
