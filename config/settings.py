@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     result_expires: int = Field(default=86_400, gt=0, description="seconds results stay in the backend")
     visibility_timeout: int = Field(default=3_600, gt=0, description="Redis broker redelivery delay")
 
+    track_started: bool = Field(default=False, description="store STARTED in the result backend")
+    send_sent_event: bool = Field(default=False, description="clients emit task-sent events (Flower)")
+
     # --- Gateway ------------------------------------------------------------------------------
     gateway_url: str = "http://127.0.0.1:8080"
     gateway_api_key: SecretStr | None = None
@@ -56,7 +59,10 @@ class Settings(BaseSettings):
     # --- streams ------------------------------------------------------------------------------
     stream_maxlen: int = Field(default=100_000, gt=0, description="entries kept per stream")
     stream_ttl: int = Field(default=3_600, gt=0, description="seconds a stream is kept after its end")
-    max_stream_chunks: int = Field(default=100_000, gt=0)
+    max_stream_chunks: int = Field(default=100_000, gt=0, description="chunks one invocation may publish")
+    max_stream_bytes: int = Field(default=67_108_864, gt=0, description="bytes of chunk data per stream")
+    sse_reconnects: int = Field(default=3, ge=0, description="resumes after a drop without progress")
+    sse_retry_max: float = Field(default=5.0, ge=0, description="cap on the server's `retry` delay")
 
     # --- queues -------------------------------------------------------------------------------
     queue_http: str = "sark.http"

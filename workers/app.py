@@ -83,9 +83,10 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_track_started=True,
+        # STARTED is visible in Flower through task events; storing it in the backend costs a write per task.
+        task_track_started=settings.track_started,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=settings.send_sent_event,
         result_expires=settings.result_expires,
         result_extended=False,
         broker_transport_options=_transport_options(settings),

@@ -187,10 +187,11 @@ def start_worker(
     concurrency: int = 8,
     extra_args: list[str] | None = None,
     ready_timeout: float = 60.0,
+    app: str = "workers.app",
 ) -> Proc:
-    """A real ``celery worker`` process for ``workers.app``; returns once it logged ``ready``."""
+    """A real ``celery worker`` process (of ``app``); returns once it logged ``ready``."""
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        sys.executable, "-m", "celery", "-A", app, "worker",
         "-Q", queues, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
         "-l", "INFO", "--without-gossip", "--without-mingle", "-E", *(extra_args or []),
     ]

@@ -1,0 +1,1 @@
+"""Benchmarks: every figure beside its bare-Celery floor measured in the same run."""

@@ -1,0 +1,75 @@
+"""HTTP invocation round trip and throughput vs the bare-Celery floor, measured in one run.
+
+Run: ``.venv/bin/python -m bench.bench_http [--n 300]``. Starts its own Redis, Gateway and workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.common import latency, ratio, save, table, throughput
+from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and print the table; write bench/results/http.json."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=300, help="sequential calls per latency figure")
+    parser.add_argument("--tn", type=int, default=1000, help="calls per throughput figure")
+    parser.add_argument("--concurrency", type=int, default=8, help="threads per worker (both apps)")
+    args = parser.parse_args(argv)
+
+    from config.settings import Settings
+    from workers.app import create_app
+    from workers.contract import TASK_INVOKE, TOKEN_HEADER
+    from workers.gateway import make_token
+
+    with DevStack() as stack:
+        stack.start()
+        stack.apply_env()
+        stack.worker("sark", queues="sark.http", concurrency=args.concurrency)
+        stack.worker("bare", app="bench.bare_app", queues="bare", concurrency=args.concurrency)
+        import bench.bare_app as bare
+
+        sark = create_app(Settings())
+        token = make_token(DEFAULT_JWT_SECRET)
+        assert stack.gateway is not None
+        target = f"{stack.gateway.url}/invoke"
+        payload = {"server_id": "echo", "tool_name": "echo", "parameters": {"x": 1}, "request_id": "bench"}
+        headers = {"Authorization": f"Bearer {token}", "X-API-Key": DEFAULT_API_KEY}
+        invocation = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
+
+        def send_noop():  # type: ignore[no-untyped-def]
+            return bare.noop.apply_async()
+
+        def send_post():  # type: ignore[no-untyped-def]
+            return bare.post.apply_async((target, payload, headers))
+
+        def send_invoke():  # type: ignore[no-untyped-def]
+            return sark.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers={TOKEN_HEADER: token})
+
+        noop = latency(send_noop, args.n)
+        post = latency(send_post, args.n)
+        invoke = latency(send_invoke, args.n)
+        tp_post = throughput(send_post, args.tn)
+        tp_invoke = throughput(send_invoke, args.tn)
+        tp_noop = throughput(send_noop, args.tn)
+
+    print(table([
+        ("bare Celery no-op round trip (ms)", noop, noop),
+        ("sark.invoke over HTTP vs bare task+httpx POST", invoke, post),
+        ("bare task + httpx POST vs bare no-op", post, noop),
+    ]))
+    print(f"{'throughput sark.invoke HTTP vs bare POST (/s)':44} {tp_invoke:>30} {tp_post:>30} "
+          f"{ratio(tp_invoke, tp_post):>9}")
+    print(f"{'throughput bare no-op (/s)':44} {tp_noop:>30}")
+    path = save("http", {"noop_ms": noop, "bare_post_ms": post, "invoke_ms": invoke, "throughput_invoke": tp_invoke,
+                         "throughput_bare_post": tp_post, "throughput_noop": tp_noop,
+                         "p95_ratio": ratio(invoke["p95"], post["p95"]), "throughput_ratio": ratio(tp_invoke, tp_post)})
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Shared measuring helpers: percentiles, closed-loop latency, bounded-concurrency throughput."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery.result import AsyncResult
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    """p50/p95/p99 and mean of ``samples_ms``."""
+    ordered = sorted(samples_ms)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99), "mean": round(statistics.fmean(ordered), 3),
+            "n": len(ordered)}
+
+
+def latency(send: Callable[[], AsyncResult], n: int, warmup: int = 20, timeout: float = 30) -> dict[str, float]:
+    """Round trip (send → result) of ``n`` calls, one at a time."""
+    for _ in range(warmup):
+        send().get(timeout=timeout)
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        send().get(timeout=timeout)
+        samples.append((time.perf_counter() - started) * 1000)
+    return percentiles(samples)
+
+
+def throughput(send: Callable[[], AsyncResult], n: int, in_flight: int = 32, timeout: float = 60) -> float:
+    """Completed calls per second with ``in_flight`` outstanding at any time."""
+    pending: deque[AsyncResult] = deque()
+    started = time.perf_counter()
+    sent = 0
+    done = 0
+    while done < n:
+        while sent < n and len(pending) < in_flight:
+            pending.append(send())
+            sent += 1
+        pending.popleft().get(timeout=timeout)
+        done += 1
+    return round(n / (time.perf_counter() - started), 1)
+
+
+def ratio(value: float, floor: float) -> float:
+    """``value / floor`` rounded for tables."""
+    return round(value / floor, 2) if floor else float("inf")
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    """Write ``data`` as ``bench/results/<name>.json``."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def table(rows: list[tuple[str, dict[str, float] | float, dict[str, float] | float]]) -> str:
+    """A text table of (what, measured, floor) rows."""
+    lines = [f"{'what':44} {'measured':>30} {'floor (same run)':>30} {'ratio p95':>9}"]
+    for what, measured, floor in rows:
+        if isinstance(measured, dict) and isinstance(floor, dict):
+            m = f"p50 {measured['p50']:.2f} p95 {measured['p95']:.2f} p99 {measured['p99']:.2f}"
+            f = f"p50 {floor['p50']:.2f} p95 {floor['p95']:.2f} p99 {floor['p99']:.2f}"
+            lines.append(f"{what:44} {m:>30} {f:>30} {ratio(measured['p95'], floor['p95']):>9}")
+        else:
+            lines.append(f"{what:44} {measured!s:>30} {floor!s:>30} {ratio(float(measured), float(floor)):>9}")  # type: ignore[arg-type]
+    return "\n".join(lines)
