@@ -7,13 +7,20 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from celery.worker.control import control_command
 from kombu import Queue  # type: ignore[attr-defined]
 
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
+from workers.logs import configure_logging
 from workers.runtime import close_runtime, current_runtime, get_runtime
 
 __all__ = ["app", "create_app"]
@@ -104,6 +111,13 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 app = create_app()
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    level = loglevel if isinstance(loglevel, str) else logging.getLevelName(loglevel or settings.log_level)
+    configure_logging(str(level), settings.log_json)
 
 
 @worker_process_init.connect
