@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     queue_sse: str = "sark.sse"
     queue_stdio: str = "sark.stdio"
 
+    # --- circuit breakers (per-target fail_max/reset_timeout: the registry's ``breaker:``) ------
+    breaker_enabled: bool = Field(default=True, description="false turns every breaker off")
+    breaker_retry_max: int = Field(default=0, ge=0, description="re-queues of a CircuitOpen task; 0 = fail fast")
+    breaker_store_timeout: float = Field(default=0.5, gt=0, description="Redis timeout before the local fallback")
+    breaker_store_recheck: float = Field(default=2.0, gt=0, description="seconds between tries to return to Redis")
+
     # --- server registry ----------------------------------------------------------------------
     registry_path: Path = DEFAULT_REGISTRY_PATH
 

@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 from celery import Task
 
 from workers.app import app
+from workers.breaker import breaker_command
 from workers.contract import (
+    TASK_BREAKERS,
     TASK_GET_SERVER,
     TASK_HEALTH,
     TASK_INVOKE,
@@ -18,11 +20,11 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
-from workers.errors import InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
+from workers.errors import CircuitOpen, InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
 from workers.invoker import execute
 from workers.runtime import Runtime, get_runtime
 
-__all__ = ["get_server", "health", "invoke", "list_servers", "list_tools"]
+__all__ = ["breakers", "get_server", "health", "invoke", "list_servers", "list_tools"]
 
 T = TypeVar("T")
 
@@ -56,6 +58,11 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:
         raise InvocationTimeout(f"no result within {wait:g}s") from None
+    except CircuitOpen as exc:
+        # Re-queue after the breaker's remaining open time, if configured (default: fail fast).
+        if self.request.retries >= s.breaker_retry_max:
+            raise
+        raise self.retry(exc=exc, countdown=max(exc.retry_after, 0.05), max_retries=s.breaker_retry_max) from None
     return result.model_dump(mode="json")
 
 
@@ -103,6 +110,13 @@ def health(self: Task) -> dict[str, Any]:
         "pid": os.getpid(),
         "transports": sorted(runtime.transports),
     }
+
+
+@app.task(name=TASK_BREAKERS, bind=True, throws=(SarkError,))
+def breakers(self: Task, action: str = "list", target: str | None = None) -> list[dict[str, Any]]:
+    """List breakers, or reset one (``target="*"``: all) fleet-wide; returns their states."""
+    runtime = get_runtime()
+    return _run(runtime, breaker_command(runtime.breakers, action, target), _WAIT_MARGIN + 5.0)
 
 
 def _discovery_wait(runtime: Runtime) -> float:

@@ -78,7 +78,9 @@ async def execute(
         raise InvalidInvocation("streaming is not available on this worker yet")
     call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token)
     started = time.perf_counter()
-    outcome = await transport.invoke(call)
+    # The breaker's half-open trial lease outlives every retry of this call (then a crashed caller frees it).
+    lease = settings.invoke_attempts * (timeout + settings.invoke_wait_max) + 5.0
+    outcome = await runtime.breakers.call(server, lambda: transport.invoke(call), lease=lease)
     duration_ms = (time.perf_counter() - started) * 1000.0
     size = json_size(outcome.result)
     if size > settings.max_result_bytes:

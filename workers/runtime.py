@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from config.registry import Registry, load_registry
 from config.settings import Settings, get_settings
+from workers.breaker import BreakerBoard
 from workers.errors import Cancelled, InvalidInvocation
 from workers.gateway_client import GatewayClient
 from workers.loop import EventLoopThread
@@ -48,6 +49,7 @@ class Runtime:
             self.settings.redis_url, health_check_interval=10, socket_keepalive=True
         )
         self.gateway = GatewayClient(self.settings)
+        self.breakers = BreakerBoard.from_settings(self.settings, self.registry)
         self.transports = self._build_transports()
         for transport in self.transports.values():
             await transport.open()
@@ -100,6 +102,7 @@ class Runtime:
             except Exception:
                 log.exception("closing transport %s failed", transport.name)
         await self.gateway.close()
+        await self.breakers.close()
         await self.redis.aclose()
 
     def close(self) -> None:
