@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from workers.gateway.sse import sse_response
 from workers.gateway.tools import BUILTIN_TOOLS, STREAM_TOOLS, ToolFailure, text_result
 
 __all__ = ["GatewayConfig", "create_gateway", "load_gateway_config", "make_token"]
@@ -250,7 +251,8 @@ class ReferenceGateway:
         if not isinstance(parameters, dict):
             return JSONResponse({"error": "parameters must be an object"}, status_code=400)
         if payload.get("stream"):
-            return JSONResponse({"error": "streaming is not served by this Gateway yet"}, status_code=501)
+            request_id = str(payload.get("request_id") or "")
+            return sse_response(tool, parameters, request_id, request.headers.get("last-event-id"))
         return await self._call(tool, parameters)
 
     async def _call(self, tool: str, parameters: dict[str, Any]) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,13 +90,28 @@ async def _flaky_tool(params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _stream_data(params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Yields ``count`` chunks ``{"index": i}``, ``interval`` seconds apart."""
+    """Yields ``count`` chunks ``{"index": i, "of": count}``, ``interval`` seconds apart.
+
+    ``start`` skips the first indexes (a resumed stream), ``error_at`` fails with ``status`` (500)
+    at that index, ``stamp`` adds the emit time ``"t"`` (unix seconds), ``pad`` adds that many bytes.
+    """
     count = int(_number(params, "count", 5))
     interval = _number(params, "interval", 0.0)
-    for index in range(count):
+    start = int(_number(params, "start", 0))
+    error_at = params.get("error_at")
+    stamp = bool(params.get("stamp"))
+    pad = "x" * int(_number(params, "pad", 0))
+    for index in range(start, count):
         if interval:
             await asyncio.sleep(interval)
-        yield {"index": index, "of": count}
+        if error_at is not None and index == error_at:
+            raise ToolFailure(int(_number(params, "status", 500)), {"error": f"requested failure at chunk {index}"})
+        chunk: dict[str, Any] = {"index": index, "of": count}
+        if pad:
+            chunk["pad"] = pad
+        if stamp:
+            chunk["t"] = time.time()
+        yield chunk
 
 
 ToolFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]

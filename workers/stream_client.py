@@ -1,0 +1,209 @@
+"""Follow an invocation's chunks from any process: :func:`stream` (sync) and :func:`astream` (async).
+
+Readers need only Redis: they read the invocation's Redis Stream (format in :mod:`workers.streams`)
+from the beginning or from a position, block for new entries, and stop at the terminal entry. A
+reader that attaches late gets everything from its position; one that reconnects passes the last
+``seq`` it saw + 1 as ``from_seq`` (or the entry id as ``after``) and gets each chunk once::
+
+    for chunk in stream(task_id):                    # every chunk, then returns on "done"
+        print(chunk.seq, chunk.data)
+    for chunk in stream(task_id, from_seq=42):       # resume: chunks 42, 43…
+
+An ``error`` or ``cancelled`` terminal entry raises the invocation's typed error
+(:class:`~workers.errors.SarkError` subclass) after the chunks before it were yielded.
+:func:`follow` / :func:`afollow` yield every :class:`~workers.streams.StreamEntry`, terminal included,
+and raise nothing for a failed invocation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from workers.errors import InvalidInvocation, InvocationTimeout, ProtocolError, error_from_dict
+from workers.keys import stream_key
+from workers.models import Chunk
+from workers.streams import StreamEntry, decode_entry, entry_id, seq_of_entry_id
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "afollow", "astream", "follow", "stream"]
+
+#: Seconds a reader waits without any new entry before giving up (the invocation may be queued,
+#: or its worker died before writing a terminal entry, or the stream expired).
+DEFAULT_IDLE_TIMEOUT = 600.0
+
+
+def _redis_url(redis_url: str | None) -> str:
+    if redis_url:
+        return redis_url
+    from config.settings import get_settings
+
+    return get_settings().redis_url
+
+
+def _start(after: str | None, from_seq: int | None) -> str:
+    if after is not None and from_seq is not None:
+        raise InvalidInvocation("pass either after or from_seq, not both")
+    if from_seq is not None:
+        if from_seq < 0:
+            raise InvalidInvocation("from_seq must be >= 0")
+        return entry_id(from_seq - 1) if from_seq > 0 else "0-0"
+    return after or "0-0"
+
+
+class _Cursor:
+    """Position of one reader; checks that chunks arrive contiguously and detects idleness."""
+
+    def __init__(self, task_id: str, after: str, idle_timeout: float | None) -> None:
+        self.task_id = task_id
+        self.last_id = after
+        try:
+            self.expected: int | None = seq_of_entry_id(after) + 1
+        except ValueError:
+            self.expected = None
+        self._idle_timeout = idle_timeout
+        self._last_seen = time.monotonic()
+        self.finished = False
+
+    def accept(self, raw_id: Any, raw: Any) -> StreamEntry:
+        try:
+            entry = decode_entry(raw_id, raw)
+        except (ValueError, KeyError) as exc:
+            raise ProtocolError(f"stream {self.task_id}: undecodable entry {raw_id!r}: {exc}") from None
+        self.last_id = entry.id
+        self._last_seen = time.monotonic()
+        if entry.chunk is not None:
+            seq = entry.chunk.seq
+            if self.expected is not None and seq != self.expected:
+                raise ProtocolError(
+                    f"stream {self.task_id}: chunks {self.expected}..{seq - 1} are no longer in Redis "
+                    "(trimmed or expired)",
+                    {"expected_seq": self.expected, "got_seq": seq},
+                )
+            self.expected = seq + 1
+        elif entry.terminal:
+            self.finished = True
+        return entry
+
+    def check_idle(self) -> None:
+        if self._idle_timeout is not None and time.monotonic() - self._last_seen > self._idle_timeout:
+            raise InvocationTimeout(
+                f"stream {self.task_id}: no new entry for {self._idle_timeout:g}s after {self.last_id}",
+                {"after": self.last_id},
+            )
+
+
+def _entries(reply: Any) -> list[tuple[Any, Any]]:
+    """The entries of a one-key XREAD reply (``[[key, [(id, fields), …]]]``)."""
+    return [tuple(e) for e in reply[0][1]]
+
+
+def follow(
+    task_id: str,
+    *,
+    after: str | None = None,
+    from_seq: int | None = None,
+    redis_url: str | None = None,
+    client: redis.Redis | None = None,
+    block_ms: int = 5_000,
+    count: int = 1_000,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+) -> Iterator[StreamEntry]:
+    """Every entry of ``task_id``'s stream after the start position, ending with the terminal one.
+
+    Args:
+        task_id: the invocation's task id.
+        after: Redis entry id to start after (``"0-0"``: the beginning).
+        from_seq: first chunk ``seq`` wanted (alternative to ``after``).
+        redis_url: Redis holding the streams (default: ``SARK_REDIS_URL``).
+        client: an existing Redis client to use (not closed here).
+        block_ms: longest single ``XREAD BLOCK``.
+        count: most entries fetched per read.
+        idle_timeout: seconds without any new entry before :class:`InvocationTimeout` (None: forever).
+
+    Raises:
+        InvocationTimeout: nothing new for ``idle_timeout`` seconds.
+        ProtocolError: chunks the position asks for are gone (trimmed or expired), or an entry is corrupt.
+    """
+    cursor = _Cursor(task_id, _start(after, from_seq), idle_timeout)
+    key = stream_key(task_id)
+    own = client is None
+    conn = client if client is not None else redis.Redis.from_url(_redis_url(redis_url))
+    try:
+        while not cursor.finished:
+            reply = conn.xread({key: cursor.last_id}, count=count, block=block_ms)
+            if not reply:
+                cursor.check_idle()
+                continue
+            for raw_id, raw in _entries(reply):
+                entry = cursor.accept(raw_id, raw)
+                yield entry
+                if entry.terminal:
+                    return
+    finally:
+        if own:
+            conn.close()
+
+
+async def afollow(
+    task_id: str,
+    *,
+    after: str | None = None,
+    from_seq: int | None = None,
+    redis_url: str | None = None,
+    client: aioredis.Redis | None = None,
+    block_ms: int = 5_000,
+    count: int = 1_000,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+) -> AsyncIterator[StreamEntry]:
+    """Async :func:`follow` (same arguments; ``client`` is a ``redis.asyncio`` client)."""
+    cursor = _Cursor(task_id, _start(after, from_seq), idle_timeout)
+    key = stream_key(task_id)
+    own = client is None
+    conn = client if client is not None else aioredis.Redis.from_url(_redis_url(redis_url))
+    try:
+        while not cursor.finished:
+            reply = await conn.xread({key: cursor.last_id}, count=count, block=block_ms)
+            if not reply:
+                cursor.check_idle()
+                continue
+            for raw_id, raw in _entries(reply):
+                entry = cursor.accept(raw_id, raw)
+                yield entry
+                if entry.terminal:
+                    return
+    finally:
+        if own:
+            await conn.aclose()
+
+
+def _chunk_or_raise(entry: StreamEntry) -> Chunk | None:
+    if entry.chunk is not None:
+        return entry.chunk
+    if entry.error is not None:
+        raise error_from_dict(entry.error)
+    return None
+
+
+def stream(task_id: str, **options: Any) -> Iterator[Chunk]:
+    """Chunks of ``task_id`` (options as :func:`follow`); returns at ``done``.
+
+    Raises:
+        SarkError: the invocation ended with an error or was cancelled (its typed error), or as
+            :func:`follow` raises.
+    """
+    for entry in follow(task_id, **options):
+        chunk = _chunk_or_raise(entry)
+        if chunk is not None:
+            yield chunk
+
+
+async def astream(task_id: str, **options: Any) -> AsyncIterator[Chunk]:
+    """Async :func:`stream` (options as :func:`afollow`)."""
+    async for entry in afollow(task_id, **options):
+        chunk = _chunk_or_raise(entry)
+        if chunk is not None:
+            yield chunk

@@ -1,0 +1,262 @@
+"""SSE transport: ``POST /invoke`` with ``"stream": true``, read as Server-Sent Events (httpx-sse).
+
+Runs on the shared pooled client of :class:`~workers.gateway_client.GatewayClient`. Each data event
+becomes a :class:`~workers.models.Chunk` handed to ``call.sink``; ``event: done`` ends the call with
+its JSON object as the result; ``event: error`` ends it with a typed error. A connection dropped
+after the stream started (or a stream that ends without ``done``) is resumed with ``Last-Event-ID``
+after the server's ``retry`` delay (capped), at most ``reconnects`` times in a row without progress;
+events already seen are skipped, so no chunk is delivered twice.
+
+``call.timeout`` bounds connecting and each wait for the next event; ``max_duration`` bounds the
+whole stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse
+
+from config.registry import GatewayServer, StdioServer
+from workers.errors import (
+    AuthorizationDenied,
+    GatewayUnavailable,
+    InvocationTimeout,
+    ProtocolError,
+    ToolError,
+)
+from workers.gateway_client import GatewayClient
+from workers.models import Chunk, GatewayToolInfo, TransportName, json_size
+from workers.transports.base import Call, ToolOutcome
+from workers.transports.http import gateway_server, outcome_from_gateway
+
+__all__ = ["SseTransport"]
+
+log = logging.getLogger("sark.sse")
+
+#: Reconnect delay when the server sent no ``retry`` field (seconds).
+DEFAULT_RETRY = 0.1
+
+
+@dataclass
+class _StreamState:
+    """What survives a reconnect: position, dedup memory, delay, counters."""
+
+    last_event_id: str | None = None
+    last_numeric: int | None = None
+    seen: set[str] = field(default_factory=set)
+    retry: float = DEFAULT_RETRY
+    seq: int = 0
+    result: dict[str, Any] | None = None
+
+    def is_duplicate(self, event_id: str) -> bool:
+        """True when ``event_id`` was delivered before (integer ids compare, others are remembered)."""
+        if event_id.isdigit() and self.last_numeric is not None:
+            return int(event_id) <= self.last_numeric
+        return event_id in self.seen
+
+    def remember(self, event_id: str) -> None:
+        self.last_event_id = event_id
+        if event_id.isdigit():
+            self.last_numeric = int(event_id)
+        else:
+            self.seen.add(event_id)
+
+
+class _Dropped(Exception):
+    """The connection ended before ``done`` (resumable)."""
+
+
+def _error_event(sse: ServerSentEvent) -> Exception:
+    """The typed error an ``event: error`` carries (JSON ``{"error"|"reason", "status_code"}`` or text)."""
+    try:
+        body = json.loads(sse.data)
+    except ValueError:
+        body = sse.data
+    if isinstance(body, dict):
+        status = body.get("status_code", body.get("status", 500))
+        status = status if isinstance(status, int) and 400 <= status <= 599 else 500
+        message = body.get("error") or body.get("reason") or body.get("message") or "stream error"
+        message = message if isinstance(message, str) else json.dumps(message)
+        if status == 403:
+            return AuthorizationDenied(f"Authorization denied: {message}", {"status_code": 403})
+        return ToolError(f"Tool execution failed: {message}", {"event_id": sse.id or None}, status_code=status)
+    text = str(body).strip()[:200] or "no detail"
+    return ToolError(f"Tool execution failed: {text}", {"event_id": sse.id or None}, status_code=500)
+
+
+class SseTransport:
+    """Streams invocations from the Gateway as Server-Sent Events.
+
+    Args:
+        gateway: the runtime's Gateway client (its pooled ``http`` client is used).
+        max_result_bytes: largest final result or single chunk.
+        reconnects: resumes allowed in a row without a new event.
+        retry_max: cap (seconds) on the server's ``retry`` delay.
+        max_duration: seconds the whole stream may take.
+    """
+
+    name: TransportName = "sse"
+
+    def __init__(
+        self,
+        gateway: GatewayClient,
+        *,
+        max_result_bytes: int,
+        reconnects: int = 3,
+        retry_max: float = 5.0,
+        max_duration: float = 600.0,
+    ) -> None:
+        self._gateway = gateway
+        self._max_bytes = max_result_bytes
+        self._reconnects = reconnects
+        self._retry_max = retry_max
+        self._max_duration = max_duration
+
+    async def open(self) -> None:
+        """Nothing to open: the Gateway client's pool connects lazily."""
+
+    async def close(self) -> None:
+        """The Gateway client is owned (and closed) by the runtime."""
+
+    async def list_tools(self, server: GatewayServer | StdioServer | None) -> list[GatewayToolInfo]:
+        """``GET /tools`` (same Gateway as the HTTP transport)."""
+        if server is None:
+            return await self._gateway.list_tools()
+        return await self._gateway.list_tools(server_id=gateway_server(server).gateway_id)
+
+    async def invoke(self, call: Call) -> ToolOutcome:
+        """Stream one invocation; chunks go to ``call.sink`` (dropped when it is None)."""
+        server = gateway_server(call.server)
+        payload = {
+            "server_id": server.gateway_id,
+            "tool_name": call.invocation.tool,
+            "parameters": dict(call.invocation.arguments),
+            "request_id": call.request_id,
+            "stream": True,
+        }
+        state = _StreamState()
+        try:
+            async with asyncio.timeout(self._max_duration):
+                await self._run(call, payload, state)
+        except TimeoutError:
+            raise InvocationTimeout(
+                f"stream did not finish within {self._max_duration:g}s", {"chunks": state.seq}
+            ) from None
+        assert state.result is not None
+        return outcome_from_gateway(state.result, chunks=state.seq)
+
+    async def _run(self, call: Call, payload: dict[str, Any], state: _StreamState) -> None:
+        failures = 0
+        started = False
+        while True:
+            progress_before = state.seq, state.last_event_id
+            try:
+                await self._connect(call, payload, state)
+                return
+            except _Dropped as drop:
+                reason = str(drop)
+            except httpx.TimeoutException:
+                raise InvocationTimeout(
+                    f"no event from the Gateway within {call.timeout:g}s", {"chunks": state.seq}
+                ) from None
+            except httpx.TransportError as exc:
+                if not started and state.last_event_id is None and state.seq == 0:
+                    raise GatewayUnavailable(f"cannot reach the Gateway ({type(exc).__name__}: {exc})") from exc
+                reason = f"{type(exc).__name__}: {exc}"
+            started = True
+            failures = 0 if (state.seq, state.last_event_id) != progress_before else failures + 1
+            if failures >= self._reconnects or state.last_event_id is None:
+                raise ProtocolError(
+                    f"SSE stream ended without 'done' ({reason}); "
+                    f"{'no event id to resume from' if state.last_event_id is None else 'resume attempts exhausted'}",
+                    {"chunks": state.seq, "last_event_id": state.last_event_id},
+                )
+            log.info("sse stream dropped (%s); resuming after %s in %.3fs", reason, state.last_event_id, state.retry)
+            await asyncio.sleep(state.retry)
+
+    async def _connect(self, call: Call, payload: dict[str, Any], state: _StreamState) -> None:
+        headers = {"X-Request-ID": call.request_id}
+        if call.token:
+            headers["Authorization"] = f"Bearer {call.token}"
+        if state.last_event_id is not None:
+            headers["Last-Event-ID"] = state.last_event_id
+        async with aconnect_sse(
+            self._gateway.http, "POST", "/invoke", json=payload, headers=headers, timeout=httpx.Timeout(call.timeout)
+        ) as source:
+            response = source.response
+            if response.status_code >= 400:
+                body = await response.aread()
+                GatewayClient._raise_for_status(response, body, "Tool execution")
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                # A Gateway that does not stream answers with the whole result at once.
+                state.result = await self._json_answer(response)
+                return
+            await self._read_events(call, source, state)
+
+    async def _json_answer(self, response: httpx.Response) -> dict[str, Any]:
+        body = await response.aread()
+        if len(body) > self._max_bytes:
+            raise ProtocolError(f"Gateway answered with {len(body)} bytes, limit is {self._max_bytes}")
+        data = GatewayClient._json(body, "invoke")
+        if not isinstance(data, dict):
+            raise ProtocolError(f"Gateway answered invoke with {type(data).__name__}, expected an object")
+        return data
+
+    async def _read_events(self, call: Call, source: EventSource, state: _StreamState) -> None:
+        try:
+            async for sse in source.aiter_sse():
+                if sse.retry is not None and sse.retry >= 0:
+                    state.retry = min(sse.retry / 1000.0, self._retry_max)
+                if sse.event == "error":
+                    raise _error_event(sse)
+                if sse.event == "done":
+                    state.result = self._done(sse)
+                    return
+                await self._data_event(call, sse, state)
+        except SSEError as exc:
+            raise ProtocolError(f"Gateway stream is not SSE: {exc}") from None
+        raise _Dropped("the server closed the stream")
+
+    def _done(self, sse: ServerSentEvent) -> dict[str, Any]:
+        if not sse.data.strip():
+            return {}
+        if len(sse.data) > self._max_bytes:
+            raise ProtocolError(f"'done' event is {len(sse.data)} bytes, limit is {self._max_bytes}")
+        try:
+            data = json.loads(sse.data)
+        except ValueError:
+            raise ProtocolError(f"'done' event data is not JSON: {sse.data[:200]!r}") from None
+        if not isinstance(data, dict):
+            raise ProtocolError(f"'done' event data is {type(data).__name__}, expected a JSON object")
+        return data
+
+    async def _data_event(self, call: Call, sse: ServerSentEvent, state: _StreamState) -> None:
+        event_id = sse.id or None
+        if event_id is not None and event_id == state.last_event_id and not sse.data:
+            return  # an id-only event (keep-alive): nothing to deliver
+        if event_id is not None and event_id != state.last_event_id and state.is_duplicate(event_id):
+            return  # replayed after a resume
+        where = f"event {event_id or '#' + str(state.seq)}"
+        if not sse.data:
+            raise ProtocolError(f"malformed SSE {where}: {sse.event!r} event without data")
+        try:
+            data = json.loads(sse.data)
+        except ValueError:
+            raise ProtocolError(f"non-JSON data in SSE {where}: {sse.data[:200]!r}") from None
+        if json_size(data) > self._max_bytes:
+            raise ProtocolError(f"SSE {where} is over {self._max_bytes} bytes")
+        chunk = Chunk(
+            seq=state.seq, event_id=event_id, event_type=sse.event, data=data, retry=sse.retry, ts=time.time()
+        )
+        if call.sink is not None:
+            await call.sink(chunk)
+        state.seq += 1
+        if event_id is not None:
+            state.remember(event_id)
