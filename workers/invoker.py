@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -9,7 +10,7 @@ from pydantic import ValidationError
 
 from config.registry import GatewayServer, StdioServer
 from config.settings import Settings
-from workers.errors import InvalidInvocation, PayloadTooLarge, ProtocolError, UnknownServer
+from workers.errors import Cancelled, InvalidInvocation, PayloadTooLarge, ProtocolError, SarkError, UnknownServer
 from workers.models import (
     Invocation,
     InvocationResult,
@@ -19,6 +20,7 @@ from workers.models import (
     parse_invocation,
 )
 from workers.runtime import Runtime
+from workers.streams import StreamPublisher
 from workers.transports.base import Call
 
 __all__ = ["execute", "resolve", "resolve_timeout"]
@@ -66,17 +68,67 @@ async def execute(
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
 
+    A streamed invocation (``"stream": true``) publishes its chunks to its Redis Stream, and
+    always a terminal entry: done (with the final result), error, or cancelled.
+
     Raises:
         SarkError: any typed failure; nothing else escapes for foreseeable problems.
     """
+    if not (isinstance(raw, dict) and raw.get("stream")):
+        return await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt, publisher=None)
+    s = runtime.settings
+    publisher = StreamPublisher(
+        runtime.redis,
+        request_id,
+        maxlen=s.stream_maxlen,
+        ttl=s.stream_ttl,
+        running_ttl=s.stream_ttl + int(s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max)),
+        max_chunks=s.max_stream_chunks,
+        max_bytes=s.max_stream_bytes,
+    )
+    await publisher.open()
+    try:
+        result = await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt,
+                                publisher=publisher)
+    except SarkError as exc:
+        await _end_stream(publisher, exc)
+        raise
+    except asyncio.CancelledError:
+        await _end_stream(publisher, Cancelled(
+            f"invocation {request_id} was interrupted (cancelled, or past the worker's deadline)",
+            {"request_id": request_id}))
+        raise
+    except Exception as exc:
+        await _end_stream(publisher, SarkError(f"internal error: {type(exc).__name__}"))
+        raise
+    await publisher.done(result.result)
+    return result
+
+
+async def _end_stream(publisher: StreamPublisher, error: SarkError) -> None:
+    """Write the error/cancelled terminal entry; never masks the invocation's own error."""
+    try:
+        await asyncio.wait_for(asyncio.shield(publisher.fail(error)), timeout=10)
+    except BaseException:
+        log.exception("could not end stream %s", publisher.key)
+
+
+async def _execute(
+    runtime: Runtime,
+    raw: object,
+    *,
+    token: str | None,
+    request_id: str,
+    attempt: int,
+    publisher: StreamPublisher | None,
+) -> InvocationResult:
     settings = runtime.settings
     invocation = parse_invocation(raw, max_argument_bytes=settings.max_argument_bytes)
     server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
     timeout = resolve_timeout(invocation, server, settings)
     transport = runtime.transport(transport_name)
-    if invocation.stream:
-        raise InvalidInvocation("streaming is not available on this worker yet")
-    call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token)
+    sink = publisher.sink if publisher is not None else None
+    call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token, sink=sink)
     started = time.perf_counter()
     # The breaker's half-open trial lease outlives every retry of this call (then a crashed caller frees it).
     lease = settings.invoke_attempts * (timeout + settings.invoke_wait_max) + 5.0
@@ -98,7 +150,7 @@ async def execute(
             is_error=outcome.is_error,
             execution_time_ms=outcome.execution_time_ms,
             duration_ms=duration_ms,
-            chunks=outcome.chunks,
+            chunks=publisher.count if publisher is not None else outcome.chunks,
             attempt=attempt,
         )
     except ValidationError as exc:

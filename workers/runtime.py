@@ -24,6 +24,7 @@ from workers.loop import EventLoopThread
 from workers.models import TransportName
 from workers.transports.base import Transport
 from workers.transports.http import HttpTransport
+from workers.transports.sse import SseTransport
 
 __all__ = ["Runtime", "close_runtime", "current_runtime", "get_runtime"]
 
@@ -57,6 +58,13 @@ class Runtime:
     def _build_transports(self) -> dict[TransportName, Transport]:
         transports: dict[TransportName, Transport] = {
             "http": HttpTransport(self.gateway, max_result_bytes=self.settings.max_result_bytes),
+            "sse": SseTransport(
+                self.gateway,
+                max_result_bytes=self.settings.max_result_bytes,
+                reconnects=self.settings.sse_reconnects,
+                retry_max=self.settings.sse_retry_max,
+                max_duration=self.settings.max_invoke_timeout,
+            ),
         }
         return transports
 
