@@ -11,6 +11,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+# Headless Chromium takes the Flower screenshot in the test suite (Debian's package).
+if ! command -v chromium >/dev/null 2>&1 && [ "${SARK_SKIP_CHROMIUM:-0}" != "1" ]; then
+  echo "bootstrap: installing chromium from Debian's packages (Flower screenshot test)" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2
