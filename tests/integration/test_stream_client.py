@@ -1,0 +1,134 @@
+"""The stream client for other apps, against real Redis and a real worker streaming from the Gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from tests.helpers import send_invoke
+from workers import stream_client
+from workers.client import SarkClient
+from workers.devstack import wait_for
+from workers.errors import Cancelled, InvalidInvocation, InvocationTimeout
+from workers.models import Chunk
+from workers.streams import entry_id
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+WAIT = 30
+
+
+def _start(celery_client: Celery, token: str, **arguments: Any) -> str:
+    pending = send_invoke(celery_client, "echo-stream", "stream_data", arguments, token=token, stream=True)
+    return str(pending.id)
+
+
+def _seqs(chunks: list[Chunk]) -> list[int]:
+    return [c.seq for c in chunks]
+
+
+def test_late_subscriber_gets_everything(celery_client: Celery, user_token: str) -> None:
+    pending = send_invoke(celery_client, "echo-stream", "stream_data", {"count": 50}, token=user_token, stream=True)
+    pending.get(timeout=WAIT)  # the invocation is over before anyone reads
+    chunks = list(stream_client.stream(pending.id, idle_timeout=WAIT))
+    assert _seqs(chunks) == list(range(50))
+    assert _seqs(list(stream_client.stream(pending.id, from_seq=30, idle_timeout=WAIT))) == list(range(30, 50))
+    assert _seqs(list(stream_client.stream(pending.id, after=entry_id(44), idle_timeout=WAIT))) == list(range(45, 50))
+
+
+def test_subscriber_attached_before_the_task_starts(celery_client: Celery, user_token: str) -> None:
+    task_id = str(uuid.uuid4())
+    got: list[Chunk] = []
+    reader = threading.Thread(target=lambda: got.extend(stream_client.stream(task_id, idle_timeout=WAIT)))
+    reader.start()
+    celery_client.send_task(
+        "sark.invoke", task_id=task_id, headers={"sark_token": user_token},
+        kwargs={"invocation": {"server": "echo-stream", "tool": "stream_data", "arguments": {"count": 25},
+                               "stream": True}},
+    )
+    reader.join(WAIT)
+    assert not reader.is_alive()
+    assert _seqs(got) == list(range(25))
+
+
+def test_reconnect_mid_stream_loses_nothing_and_repeats_nothing(celery_client: Celery, user_token: str) -> None:
+    task_id = _start(celery_client, user_token, count=300, interval=0.002)
+    got: list[Chunk] = []
+    for _ in range(3):  # three readers in turn, each leaving after 40 chunks
+        position = got[-1].seq + 1 if got else 0
+        reader = stream_client.stream(task_id, from_seq=position, idle_timeout=WAIT, count=7)
+        for chunk in reader:
+            got.append(chunk)
+            if chunk.seq - position >= 39:
+                break
+        reader.close()
+    got.extend(stream_client.stream(task_id, from_seq=got[-1].seq + 1, idle_timeout=WAIT))
+    assert _seqs(got) == list(range(300))
+
+
+def test_async_stream_with_reconnect(celery_client: Celery, user_token: str) -> None:
+    task_id = _start(celery_client, user_token, count=120, interval=0.002)
+
+    async def read() -> list[Chunk]:
+        got: list[Chunk] = []
+        async for chunk in stream_client.astream(task_id, idle_timeout=WAIT):
+            got.append(chunk)
+            if len(got) == 60:
+                break
+        async for chunk in stream_client.astream(task_id, from_seq=60, idle_timeout=WAIT):
+            got.append(chunk)
+        return got
+
+    assert _seqs(asyncio.run(read())) == list(range(120))
+
+
+def test_slow_consumer_does_not_hold_the_worker(celery_client: Celery, user_token: str) -> None:
+    pending = send_invoke(celery_client, "echo-stream", "stream_data", {"count": 2_000}, token=user_token, stream=True)
+    reader = stream_client.stream(pending.id, idle_timeout=WAIT, count=10)
+    first = [next(reader) for _ in range(10)]
+    wait_for(pending.ready, WAIT, "the invocation to finish while its reader sleeps")
+    assert pending.get(timeout=WAIT)["chunks"] == 2_000
+    assert _seqs(first + list(reader)) == list(range(2_000))
+
+
+def test_two_subscribers_each_get_every_chunk(celery_client: Celery, user_token: str) -> None:
+    task_id = _start(celery_client, user_token, count=200, interval=0.001)
+    results: list[list[Chunk]] = [[], []]
+    readers = [threading.Thread(target=lambda i=i: results[i].extend(stream_client.stream(task_id, idle_timeout=WAIT)))
+               for i in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(WAIT)
+    assert [_seqs(r) for r in results] == [list(range(200))] * 2
+
+
+def test_cancel_mid_stream_writes_cancelled_terminal(celery_client: Celery, user_token: str) -> None:
+    client = SarkClient(app=celery_client)
+    handle = client.invoke("echo-stream", "stream_data", {"count": 2_000, "interval": 0.01}, token=user_token,
+                           stream=True)
+    reader = handle.stream()
+    assert [next(reader).seq for _ in range(5)] == [0, 1, 2, 3, 4]
+    handle.cancel()
+    with pytest.raises(Cancelled):
+        for _ in reader:
+            pass
+    *_, last = stream_client.follow(handle.id, idle_timeout=WAIT)
+    assert last.kind == "cancelled" and 5 <= last.chunks < 2_000
+
+
+def test_idle_stream_times_out_clearly() -> None:
+    with pytest.raises(InvocationTimeout, match="no new entry"):
+        list(stream_client.stream(str(uuid.uuid4()), idle_timeout=0.3, block_ms=100))
+
+
+def test_position_arguments_are_checked() -> None:
+    with pytest.raises(InvalidInvocation):
+        list(stream_client.stream("x", after="0-1", from_seq=2))
+    with pytest.raises(InvalidInvocation):
+        list(stream_client.stream("x", from_seq=-1))
