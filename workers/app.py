@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import (
     setup_logging,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -118,6 +119,17 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     settings = get_settings()
     level = loglevel if isinstance(loglevel, str) else logging.getLevelName(loglevel or settings.log_level)
     configure_logging(str(level), settings.log_json)
+
+
+@worker_init.connect
+def _refuse_invalid_config(**_: Any) -> None:
+    from config.check import check_config
+
+    errors = [p for p in check_config() if p.level == "error"]
+    if errors:
+        for problem in errors:
+            log.error("invalid configuration: %s", problem)
+        raise SystemExit(f"refusing to start: {len(errors)} configuration error(s); run `sark check-config`")
 
 
 @worker_process_init.connect

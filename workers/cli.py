@@ -127,27 +127,27 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 def cmd_breakers(args: argparse.Namespace) -> int:
     """Show or reset circuit breakers (delegates to ``workers.breaker_cli``)."""
-    from workers import breaker_cli  # type: ignore[attr-defined]
+    from workers import breaker_cli
 
     code: int = breaker_cli.main(args.rest)
     return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate settings and the server registry; non-zero exit when invalid."""
-    from pydantic import ValidationError
+    """Validate settings and the server registry; exit 2 when an error is found."""
+    from config.check import check_config
 
-    from config.registry import RegistryError, load_registry
-    from config.settings import Settings
-
-    try:
-        settings = Settings()
-        registry = load_registry(settings.registry_path)
-    except (ValidationError, RegistryError) as exc:
-        print(f"invalid configuration: {exc}", file=sys.stderr)
+    problems = check_config()
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        print(f"invalid configuration: {len(errors)} error(s)", file=sys.stderr)
         return 2
     if not getattr(args, "quiet", False):
-        print(f"configuration OK: {len(registry.servers)} servers in {settings.registry_path}")
+        from config.settings import get_settings
+
+        print(f"configuration OK ({len(problems)} warning(s)), registry {get_settings().registry_path}")
     return 0
 
 

@@ -84,3 +84,14 @@ def test_console_script_installed() -> None:
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30,
                           env={**os.environ})
     assert done.returncode == 0
+
+
+def test_plain_celery_worker_refuses_invalid_config(stack: DevStack, tmp_path: Path) -> None:
+    bad_registry = tmp_path / "shell.yaml"
+    bad_registry.write_text("servers:\n  s:\n    transport: stdio\n    command: /bin/sh\n    args: ['-c', 'id']\n")
+    env = {**stack.base_env(), "SARK_REGISTRY_PATH": str(bad_registry), "SARK_QUEUE_HTTP": "sark.http.refused"}
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "sark.http.refused",
+                           "-P", "threads", "--without-mingle", "--without-gossip"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0
+    assert "shell" in done.stdout + done.stderr

@@ -1,0 +1,92 @@
+"""Configuration checker (``sark check-config``): the plan's "policy validation", applied to workers.
+
+Finds what would make a worker unsafe or broken before it starts: settings that do not validate, registry
+entries with unknown keys, stdio commands that are relative, missing or shells, secrets written inline
+in the registry, and timeouts that cannot work (above the maximum or the broker's visibility timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ValidationError
+
+from config.registry import Registry, RegistryError, StdioServer, load_registry
+from config.settings import Settings
+
+__all__ = ["Problem", "check_config", "check_registry"]
+
+SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env", "cmd", "powershell", "pwsh"}
+_SECRET_NAME = re.compile(r"(?i)(token|secret|password|passwd|api[_-]?key|private[_-]?key|credential)")
+_PLACEHOLDER = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding; ``error`` stops a worker from starting, ``warning`` does not."""
+
+    level: Literal["error", "warning"]
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.where}: {self.message}"
+
+
+def _check_stdio(server: StdioServer, settings: Settings) -> list[Problem]:
+    where = f"servers.{server.name}"
+    problems: list[Problem] = []
+    command = Path(server.command)
+    if not command.is_absolute():
+        problems.append(Problem("error", where, f"command {server.command!r} must be an absolute path "
+                                                "(or start with {bin} / {python})"))
+    elif not (command.is_file() and os.access(command, os.X_OK)):
+        problems.append(Problem("error", where, f"command {server.command!r} is not an executable file"))
+    if command.name in SHELLS or any(arg in ("-c", "/c") for arg in server.args[:1]):
+        problems.append(Problem("error", where, f"command {command.name!r} is a shell; name the server binary"))
+    for name, value in server.env.items():
+        if _SECRET_NAME.search(name) and not _PLACEHOLDER.match(value):
+            problems.append(Problem("error", f"{where}.env.{name}",
+                                    "secret written inline; list it in inherit_env instead"))
+    if server.cwd is not None and not server.cwd.is_absolute():
+        problems.append(Problem("error", f"{where}.cwd", "cwd must be an absolute path"))
+    if server.startup_timeout >= settings.visibility_timeout:
+        problems.append(Problem("error", f"{where}.startup_timeout", "must be below visibility_timeout"))
+    return problems
+
+
+def check_registry(registry: Registry, settings: Settings) -> list[Problem]:
+    """Problems of an already-parsed registry against ``settings``."""
+    problems: list[Problem] = []
+    if not registry.servers:
+        problems.append(Problem("warning", "servers", "the registry names no server: every invocation will fail"))
+    for server in registry.servers.values():
+        if server.timeout is not None and server.timeout > settings.max_invoke_timeout:
+            problems.append(Problem("error", f"servers.{server.name}.timeout",
+                                    f"{server.timeout:g}s exceeds max_invoke_timeout {settings.max_invoke_timeout:g}s"))
+        if isinstance(server, StdioServer):
+            problems.extend(_check_stdio(server, settings))
+    return problems
+
+
+def check_config(registry_path: Path | None = None) -> list[Problem]:
+    """Validate the settings (environment) and the registry file; return every problem found."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        return [Problem("error", "settings", "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
+        ))]
+    path = registry_path or settings.registry_path
+    try:
+        registry = load_registry(path)
+    except RegistryError as exc:
+        return [Problem("error", str(path), str(exc))]
+    problems = check_registry(registry, settings)
+    if settings.gateway_api_key is None:
+        problems.append(Problem("warning", "settings.gateway_api_key", "no X-API-Key will be sent to the Gateway"))
+    return problems
