@@ -42,21 +42,6 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {
-    "AsyncSarkClient": "workers.client",
-    "InvocationHandle": "workers.client",
-    "SarkClient": "workers.client",
-    "Chunk": "workers.models",
-    "GatewayServerInfo": "workers.models",
-    "GatewayToolInfo": "workers.models",
-    "Invocation": "workers.models",
-    "InvocationResult": "workers.models",
-}
-
-if TYPE_CHECKING:
-    from workers.client import AsyncSarkClient, InvocationHandle, SarkClient
-    from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, Invocation, InvocationResult
-
 from workers.contract import (
     TASK_BREAKERS,
     TASK_GET_SERVER,
@@ -83,6 +68,21 @@ from workers.errors import (
     UnknownServer,
 )
 
+
+_LAZY = {
+    "AsyncSarkClient": "workers.client",
+    "InvocationHandle": "workers.client",
+    "SarkClient": "workers.client",
+    "Chunk": "workers.models",
+    "GatewayServerInfo": "workers.models",
+    "GatewayToolInfo": "workers.models",
+    "Invocation": "workers.models",
+    "InvocationResult": "workers.models",
+}
+
+if TYPE_CHECKING:
+    from workers.client import AsyncSarkClient, InvocationHandle, SarkClient
+    from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, Invocation, InvocationResult
 
 def __getattr__(name: str) -> Any:
     # Clients and models are imported on first use so `import workers.errors` stays light.
