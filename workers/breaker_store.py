@@ -107,6 +107,9 @@ if state == 'closed' then
   if gen ~= tonumber(ARGV[3]) then
     return {state, failures, ''}
   end
+  if not h[1] then
+    redis.call('HSET', KEYS[1], 'state', 'closed', 'gen', gen)
+  end
   failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
   if failures >= tonumber(ARGV[4]) then
     redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'changed_at', now)
