@@ -68,7 +68,6 @@ from workers.errors import (
     UnknownServer,
 )
 
-
 _LAZY = {
     "AsyncSarkClient": "workers.client",
     "InvocationHandle": "workers.client",
