@@ -169,8 +169,7 @@ class CircuitBreaker:
                 f"circuit breaker for {self.name} is {decision.state}; retry in {decision.retry_after:.2f}s",
                 {"target": self.name, "state": decision.state, "retry_after": decision.retry_after},
             )
-        for listener in self.listeners:
-            listener.before_call(self, func)
+        self._fire("before_call", func)
         try:
             result = await func()
         except SarkError as exc:
@@ -186,11 +185,9 @@ class CircuitBreaker:
 
     async def _finish(self, decision: Decision, outcome: Outcome, exc: SarkError | None) -> None:
         if outcome == "failure" and exc is not None:
-            for listener in self.listeners:
-                listener.failure(self, exc)
+            self._fire("failure", exc)
         elif outcome == "success":
-            for listener in self.listeners:
-                listener.success(self)
+            self._fire("success")
         trial = decision.state == "half-open"
         if not trial and (outcome == "release" or (outcome == "success" and decision.failures == 0)):
             return  # nothing to change: saves the round trip after a healthy call
@@ -200,11 +197,15 @@ class CircuitBreaker:
             self._notify_state(transition.changed_from, transition.state)
 
     def _notify_state(self, old: State, new: State) -> None:
+        self._fire("state_change", old, new)
+
+    def _fire(self, event: str, *args: Any) -> None:
+        # A listener's bug must never change the outcome of a call.
         for listener in self.listeners:
             try:
-                listener.state_change(self, old, new)
+                getattr(listener, event)(self, *args)
             except Exception:
-                log.exception("breaker listener failed")
+                log.exception("breaker listener %s.%s failed", type(listener).__name__, event)
 
 
 class BreakerBoard:
