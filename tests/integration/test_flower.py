@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,25 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 AUTH = ("ops", "flower-test-password")
 
 
+def _wait_until_flower_listens(url: str, app: Celery, token: str) -> None:
+    """Flower subscribes to events a moment after it answers HTTP: probe until it records a whole task."""
+
+    def probe_seen() -> bool:
+        probe = send_invoke(app, "echo", "echo", {"probe": True}, token=token)
+        probe.get(timeout=30)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            task = httpx.get(f"{url}/api/tasks", auth=AUTH, timeout=5).json().get(probe.id)
+            if task and task.get("name") == "sark.invoke" and task.get("state") == "SUCCESS":
+                return True
+            time.sleep(0.1)
+        return False
+
+    wait_for(probe_seen, 40, "flower receiving task events", interval=0.1)
+
+
 @pytest.fixture(scope="module")
-def flower(stack: DevStack, worker: Proc) -> Iterator[str]:
+def flower(stack: DevStack, worker: Proc, celery_client: Celery, user_token: str) -> Iterator[str]:
     port = free_port()
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}",
             "--address=127.0.0.1", f"--basic-auth={AUTH[0]}:{AUTH[1]}", "--persistent=False"]
@@ -29,6 +47,7 @@ def flower(stack: DevStack, worker: Proc) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200, 30, "flower")
+        _wait_until_flower_listens(url, celery_client, user_token)
         yield url
     finally:
         proc.stop()
