@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_gateway(config)
     if args.prefix.strip("/"):
         app = Starlette(routes=[Mount("/" + args.prefix.strip("/"), app=app)])
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=3)
 
 
 if __name__ == "__main__":
