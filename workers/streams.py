@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from workers.errors import Cancelled, PayloadTooLarge, SarkError
 from workers.keys import stream_key
@@ -178,7 +179,10 @@ class StreamPublisher:
 
     async def open(self) -> None:
         """Find what an earlier delivery of this invocation already published (redeliveries)."""
-        last = await self._redis.xrevrange(self.key, count=1)
+        try:
+            last = await self._redis.xrevrange(self.key, count=1)
+        except RedisError as exc:
+            raise self._redis_failure(exc) from exc
         if not last:
             return
         raw_id, raw = last[0]
@@ -193,7 +197,7 @@ class StreamPublisher:
 
         Raises:
             PayloadTooLarge: the stream would exceed ``max_chunks`` or ``max_bytes``.
-            redis.RedisError: an earlier write failed.
+            SarkError: an earlier write to Redis failed.
         """
         if self._failure is not None:
             raise self._failure
@@ -226,9 +230,14 @@ class StreamPublisher:
                     pipe.xadd(self.key, fields, id=ident, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
                 pipe.expire(self.key, self._running_ttl)
                 await pipe.execute()
+        except RedisError as exc:
+            self._failure = self._redis_failure(exc)
         except BaseException as exc:
             self._failure = exc
             raise
+
+    def _redis_failure(self, exc: RedisError) -> SarkError:
+        return SarkError(f"cannot publish to stream {self.key}: {type(exc).__name__}: {exc}", {"what": "stream"})
 
     async def flush(self) -> None:
         """Wait until every chunk handed to :meth:`sink` is in Redis."""
@@ -247,7 +256,10 @@ class StreamPublisher:
                 ident = entry_id(max(self.count, self._skip_below))
                 pipe.xadd(self.key, fields, id=ident, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
                 pipe.expire(self.key, self._ttl)
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except RedisError as exc:
+                    raise self._redis_failure(exc) from exc
 
     async def done(self, result: dict[str, Any]) -> None:
         """Write the ``done`` terminal entry carrying the final result."""

@@ -141,3 +141,22 @@ def test_resume_dedup_state() -> None:
     state = _StreamState()
     state.remember("abc")
     assert state.is_duplicate("abc") and not state.is_duplicate("abd")
+
+
+def test_redis_failure_is_a_typed_error() -> None:
+    from workers.devstack import free_port
+    from workers.errors import SarkError
+
+    async def run() -> None:
+        conn = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+        publisher = StreamPublisher(conn, "x", maxlen=10, ttl=60, running_ttl=60, max_chunks=10, max_bytes=1000)
+        try:
+            with pytest.raises(SarkError, match="cannot publish to stream"):
+                await publisher.open()
+            await publisher.sink(Chunk(seq=0, data=1))
+            with pytest.raises(SarkError, match="cannot publish to stream"):
+                await publisher.done({})
+        finally:
+            await conn.aclose()
+
+    asyncio.run(run())
