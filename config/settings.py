@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     invoke_wait_min: float = Field(default=1.0, ge=0)
     invoke_wait_max: float = Field(default=5.0, ge=0)
 
+    # --- security and shutdown -----------------------------------------------------------------
+    token_key: SecretStr | None = Field(default=None, description="Fernet key sealing tokens in the broker")
+    token_leeway: float = Field(default=0.0, ge=0, description="seconds of clock skew allowed on JWT exp")
+    shutdown_grace: float = Field(default=30.0, ge=0, description="SIGTERM: seconds running tasks get")
+
     # --- invocations --------------------------------------------------------------------------
     invoke_timeout: float = Field(default=30.0, gt=0, description="default per-invocation timeout")
     max_invoke_timeout: float = Field(default=600.0, gt=0, description="largest timeout a task may ask")

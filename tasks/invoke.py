@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Coroutine
@@ -22,11 +23,14 @@ from workers.contract import (
 )
 from workers.errors import CircuitOpen, InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
 from workers.invoker import execute
+from workers.keys import ATTEMPT_TTL, attempt_key
 from workers.runtime import Runtime, get_runtime
+from workers.tokens import open_token
 
 __all__ = ["breakers", "get_server", "health", "invoke", "list_servers", "list_tools"]
 
 T = TypeVar("T")
+log = logging.getLogger("sark.tasks")
 
 #: Seconds added to a call's own deadline before the task stops waiting for the loop.
 _WAIT_MARGIN = 5.0
@@ -39,10 +43,32 @@ def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         raise InvocationTimeout(f"no result within {timeout:g}s") from None
 
 
-def _token(task: Task) -> str | None:
+def _token(task: Task, runtime: Runtime) -> str | None:
     headers = task.request.headers or {}
-    token = headers.get(TOKEN_HEADER) or getattr(task.request, TOKEN_HEADER, None)
-    return str(token) if token else None
+    value = headers.get(TOKEN_HEADER) or getattr(task.request, TOKEN_HEADER, None)
+    key = runtime.settings.token_key
+    return open_token(str(value) if value else None, key.get_secret_value() if key else None)
+
+
+def _attempt(task: Task, runtime: Runtime, request_id: str) -> int:
+    """1 on first delivery; on a redelivery (worker lost, Redis visibility timeout) 2, 3, …"""
+    info = task.request.delivery_info or {}
+    headers = task.request.headers or {}
+    if not (info.get("redelivered") or headers.get("redelivered") or getattr(task.request, "redelivered", False)):
+        return 1
+
+    async def count() -> int:
+        key = attempt_key(request_id)
+        async with runtime.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, ATTEMPT_TTL)
+            seen, _ = await pipe.execute()
+        return int(seen) + 1
+
+    try:
+        return runtime.loop.run(count(), timeout=5)
+    except Exception:  # the count is informative; never fail an invocation over it
+        return 2
 
 
 @app.task(name=TASK_INVOKE, bind=True, throws=(SarkError,))
@@ -53,7 +79,10 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     request_id = str(self.request.id)
     # The loop enforces the call's own timeouts; this is the outer bound on waiting for it.
     wait = s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max) + _WAIT_MARGIN
-    coro = execute(runtime, invocation, token=_token(self), request_id=request_id)
+    attempt = _attempt(self, runtime, request_id)
+    if attempt > 1:
+        log.warning("redelivered invocation %s (attempt %d): same request_id sent again", request_id, attempt)
+    coro = execute(runtime, invocation, token=_token(self, runtime), request_id=request_id, attempt=attempt)
     try:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:

@@ -105,6 +105,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_queue=settings.queue_http,
         task_routes=(InvocationRouter(settings),),
         worker_hijack_root_logger=False,
+        # SIGTERM (remapped to SIGQUIT by `sark worker`): running invocations get this long, the rest are requeued.
+        worker_soft_shutdown_timeout=settings.shutdown_grace,
         timezone="UTC",
         enable_utc=True,
     )

@@ -26,6 +26,7 @@ from workers.contract import (
 )
 from workers.errors import InvocationTimeout, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
+from workers.tokens import seal_token
 
 __all__ = ["AsyncSarkClient", "InvocationHandle", "SarkClient"]
 
@@ -117,7 +118,8 @@ class SarkClient:
             invocation["stream"] = True
         if timeout is not None:
             invocation["timeout"] = timeout
-        headers = {TOKEN_HEADER: token} if token else None
+        key = self.settings.token_key
+        headers = {TOKEN_HEADER: seal_token(token, key.get_secret_value() if key else None)} if token else None
         pending = self.app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers=headers)
         return InvocationHandle(self, pending)
 

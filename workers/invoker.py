@@ -21,6 +21,7 @@ from workers.models import (
 )
 from workers.runtime import Runtime
 from workers.streams import StreamPublisher
+from workers.tokens import check_not_expired
 from workers.transports.base import Call
 
 __all__ = ["execute", "resolve", "resolve_timeout"]
@@ -124,6 +125,7 @@ async def _execute(
 ) -> InvocationResult:
     settings = runtime.settings
     invocation = parse_invocation(raw, max_argument_bytes=settings.max_argument_bytes)
+    check_not_expired(token, leeway=settings.token_leeway)
     server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
     timeout = resolve_timeout(invocation, server, settings)
     transport = runtime.transport(transport_name)
