@@ -43,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
     except SarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(_table(rows))
-    return 1 if any(row["store"] == "local" for row in rows) else 0
+    if any(row["store"] == "local" for row in rows):
+        print("error: cannot reach the breaker store (SARK_REDIS_URL); nothing was read or reset", file=sys.stderr)
+        return 1
+    print(json.dumps(rows, indent=2) if args.json else _table(rows))
+    return 0
 
 
 async def _command(action: str, target: str | None) -> list[dict[str, Any]]:
