@@ -172,3 +172,35 @@ def test_stream_limits_keep_redis_bounded(stack: DevStack, celery_client: Celery
     conn = redis.Redis.from_url(stack.redis.url)  # type: ignore[union-attr]
     assert conn.xlen(stream_key(pending.id)) == 101  # 100 chunks + terminal, nothing more
     assert 0 < conn.ttl(stream_key(pending.id)) <= 120
+
+
+def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
+    stack: DevStack, celery_client: Celery, user_token: str
+) -> None:
+    import signal
+
+    from workers.devstack import wait_for
+
+    env = {"SARK_VISIBILITY_TIMEOUT": "5", "SARK_MAX_INVOKE_TIMEOUT": "2", "SARK_INVOKE_TIMEOUT": "2"}
+    conn = redis.Redis.from_url(stack.redis.url)  # type: ignore[union-attr]
+    first = stack.worker("doomed", env=env, queues="sark.redeliver", concurrency=2)
+    pending = celery_client.send_task(
+        "sark.invoke",
+        kwargs={"invocation": {"server": "echo-stream", "tool": "stream_data",
+                               "arguments": {"count": 100, "interval": 0.01}, "stream": True}},
+        headers={"sark_token": user_token},
+        queue="sark.redeliver",
+    )
+    key = stream_key(pending.id)
+    wait_for(lambda: conn.xlen(key) >= 20, WAIT, "the first chunks")
+    first.stop(sig=signal.SIGKILL)
+    killed_at = conn.xlen(key)
+    assert killed_at < 101
+    # The broker redelivers the unacked task once its visibility timeout (5 s) has passed; the heir
+    # replays the stream from the Gateway and publishes only the chunks Redis does not have yet.
+    with stack.running_worker("heir", env=env, queues="sark.redeliver", concurrency=2):
+        result = pending.get(timeout=WAIT)
+    chunks = _collect(pending.id)
+    _assert_contiguous(chunks, 100)
+    assert result["chunks"] == 100
+    assert conn.xlen(key) == 101
