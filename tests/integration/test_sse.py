@@ -72,6 +72,13 @@ def test_server_drop_mid_stream_resumes_without_duplicates(
     assert resumes == ["6", "13"]
 
 
+def test_server_replaying_after_resume_is_deduplicated(celery_client: Celery, user_token: str) -> None:
+    args = {"count": 20, "drop_after": 8, "retry": 5, "replay": True, "keepalive": True}
+    pending = send_invoke(celery_client, "echo-stream", "stream_data", args, token=user_token, stream=True)
+    _assert_contiguous(_collect(pending.id), 20)
+    assert pending.get(timeout=WAIT)["chunks"] == 20
+
+
 def test_error_event_ends_with_typed_error(celery_client: Celery, user_token: str) -> None:
     pending = send_invoke(celery_client, "echo-stream", "stream_data", {"count": 10, "error_at": 4, "status": 502},
                           token=user_token, stream=True)

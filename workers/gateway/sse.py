@@ -8,7 +8,8 @@ Test knobs, read from the tool's parameters (the tool ignores them):
 ``retry`` (ms, sent with the first event), ``drop_after`` (cut the connection abruptly after that
 many events; the first ``drops`` (1) connections of a request id are cut), ``malformed`` /
 ``non_json`` (index whose event is replaced by an event without data / with non-JSON data),
-``no_done`` (end the stream without ``done``), ``keepalive`` (send a comment line first).
+``no_done`` (end the stream without ``done``), ``keepalive`` (send a comment line first),
+``replay`` (ignore ``Last-Event-ID``: a resumed stream starts again from index 0).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ async def _stream_events(
     retry = _int(params, "retry")
     if params.get("keepalive"):
         yield b": keep-alive\n\n"
-    start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
+    resumable = last_event_id and last_event_id.isdigit() and not params.get("replay")
+    start = int(last_event_id) + 1 if resumable else 0  # type: ignore[arg-type]
     sent = 0
     try:
         async for chunk in STREAM_TOOLS[tool]({**params, "start": start}):

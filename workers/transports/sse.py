@@ -5,7 +5,9 @@ becomes a :class:`~workers.models.Chunk` handed to ``call.sink``; ``event: done`
 its JSON object as the result; ``event: error`` ends it with a typed error. A connection dropped
 after the stream started (or a stream that ends without ``done``) is resumed with ``Last-Event-ID``
 after the server's ``retry`` delay (capped), at most ``reconnects`` times in a row without progress;
-events already seen are skipped, so no chunk is delivered twice.
+events whose id was already seen are skipped (integer ids by value, others by memory), so no chunk
+is delivered twice even by a server that replays. (Events that set no id of their own cannot be
+told apart after a resume; the Gateway contract gives every data event an id.)
 
 ``call.timeout`` bounds connecting and each wait for the next event; ``max_duration`` bounds the
 whole stream.
@@ -210,8 +212,11 @@ class SseTransport:
         return data
 
     async def _read_events(self, call: Call, source: EventSource, state: _StreamState) -> None:
+        previous = ""  # the decoder repeats the last id on events that set none: only new ids count
         try:
             async for sse in source.aiter_sse():
+                fresh_id = sse.id if sse.id and sse.id != previous else None
+                previous = sse.id
                 if sse.retry is not None and sse.retry >= 0:
                     state.retry = min(sse.retry / 1000.0, self._retry_max)
                 if sse.event == "error":
@@ -219,7 +224,7 @@ class SseTransport:
                 if sse.event == "done":
                     state.result = self._done(sse)
                     return
-                await self._data_event(call, sse, state)
+                await self._data_event(call, sse, state, fresh_id)
         except SSEError as exc:
             raise ProtocolError(f"Gateway stream is not SSE: {exc}") from None
         raise _Dropped("the server closed the stream")
@@ -237,14 +242,16 @@ class SseTransport:
             raise ProtocolError(f"'done' event data is {type(data).__name__}, expected a JSON object")
         return data
 
-    async def _data_event(self, call: Call, sse: ServerSentEvent, state: _StreamState) -> None:
-        event_id = sse.id or None
-        if event_id is not None and event_id == state.last_event_id and not sse.data:
-            return  # an id-only event (keep-alive): nothing to deliver
-        if event_id is not None and event_id != state.last_event_id and state.is_duplicate(event_id):
+    async def _data_event(self, call: Call, sse: ServerSentEvent, state: _StreamState, fresh_id: str | None) -> None:
+        """One data event. ``fresh_id``: the id this event set (None when it set none)."""
+        if fresh_id is not None and state.is_duplicate(fresh_id):
             return  # replayed after a resume
+        event_id = sse.id or None
         where = f"event {event_id or '#' + str(state.seq)}"
         if not sse.data:
+            if fresh_id is None:
+                return  # nothing to deliver (e.g. a bare `event:` line)
+            # Every id is a chunk's position in this contract: an id without data is a lost chunk.
             raise ProtocolError(f"malformed SSE {where}: {sse.event!r} event without data")
         try:
             data = json.loads(sse.data)
@@ -258,5 +265,5 @@ class SseTransport:
         if call.sink is not None:
             await call.sink(chunk)
         state.seq += 1
-        if event_id is not None:
-            state.remember(event_id)
+        if fresh_id is not None:
+            state.remember(fresh_id)
