@@ -80,7 +80,8 @@ class StdioServer(_ServerBase):
     idle_timeout: float | None = Field(default=None, gt=0, description="stop the process when idle")
     eager: bool = Field(default=False, description="start when the worker starts, not on first use")
     max_concurrency: int = Field(default=64, ge=1, description="calls in flight on one session")
-    max_output_bytes: int | None = Field(default=None, gt=0)
+    max_output_bytes: int | None = Field(default=None, gt=0, description="longest answer; default max_result_bytes")
+    stop_grace: float = Field(default=2.0, gt=0, description="stop: seconds after closing stdin, then after SIGTERM")
 
     @field_validator("command", "args", mode="before")
     @classmethod

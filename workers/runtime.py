@@ -25,6 +25,7 @@ from workers.models import TransportName
 from workers.transports.base import Transport
 from workers.transports.http import HttpTransport
 from workers.transports.sse import SseTransport
+from workers.transports.stdio import StdioTransport
 
 __all__ = ["Runtime", "close_runtime", "current_runtime", "get_runtime"]
 
@@ -64,6 +65,11 @@ class Runtime:
                 reconnects=self.settings.sse_reconnects,
                 retry_max=self.settings.sse_retry_max,
                 max_duration=self.settings.max_invoke_timeout,
+            ),
+            "stdio": StdioTransport(
+                self.registry.stdio_servers(),
+                max_result_bytes=self.settings.max_result_bytes,
+                list_timeout=self.settings.invoke_timeout,
             ),
         }
         return transports

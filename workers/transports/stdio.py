@@ -1,0 +1,421 @@
+"""stdio transport: warm MCP server processes owned by the worker, spoken to with the official ``mcp`` SDK.
+
+Every registry ``transport: stdio`` server gets one :class:`ServerPool` per worker process. The
+pool keeps at most one live *generation* (one process + one ``mcp.Client`` session), shared by
+all concurrent calls of that process, started on first use (or at worker start when ``eager``).
+
+Each generation has an owner task on the runtime loop that enters and leaves the ``mcp.Client``
+(anyio contexts must be entered and exited by the same task); calls run from other tasks. The
+owner stops its generation when the worker closes, when the server dies or breaks the protocol,
+after ``max_calls`` calls (once the last one finished) or after ``idle_timeout`` without calls.
+A crash fails the calls in flight at once (the SDK wakes pending requests when stdout ends) with
+the pipe's typed error; the next call starts a new generation, after a backoff that doubles with
+each consecutive failure (0.25 s … 30 s) and resets on a successful call.
+
+Errors: a server that cannot start or exits → ``ServerCrashed``; garbage on stdout → ``ProtocolError``;
+no answer to the handshake within ``startup_timeout`` or to a call within its timeout →
+``InvocationTimeout`` (the SDK sends ``notifications/cancelled`` for an abandoned call); an answer over
+``max_output_bytes`` → ``PayloadTooLarge``; a JSON-RPC error answer → ``ToolError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import mcp_types as types
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
+
+from config.registry import GatewayServer, StdioServer
+from workers.errors import (
+    InvalidInvocation,
+    InvocationTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    SarkError,
+    ServerCrashed,
+    ToolError,
+)
+from workers.models import Chunk, GatewayToolInfo, TransportName
+from workers.transports.base import Call, ChunkSink, ToolOutcome
+from workers.transports.stdio_process import OUTPUT_TOO_LARGE, StdioPipe
+
+__all__ = ["ServerPool", "StdioTransport"]
+
+log = logging.getLogger("sark.stdio")
+
+_BACKOFF_BASE = 0.25
+_BACKOFF_MAX = 30.0
+_LIST_PAGES_MAX = 100
+_CLIENT_INFO = types.Implementation(name="sark-workers", version="0.1.0")
+_ENVELOPE = 65_536
+
+
+def stdio_server(server: GatewayServer | StdioServer) -> StdioServer:
+    """The call's server, which must be a stdio one."""
+    if not isinstance(server, StdioServer):
+        raise InvalidInvocation(f"server {server.name!r} is not a stdio server")
+    return server
+
+
+@dataclass(eq=False)
+class _Generation:
+    """One server process and its session."""
+
+    number: int
+    pipe: StdioPipe
+    ready: asyncio.Future[Client]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    owner: asyncio.Task[None] | None = None
+    calls: int = 0
+    inflight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    retiring: bool = False
+    ended: bool = False
+    stop_reason: str = ""
+
+    def retire(self, reason: str) -> None:
+        if not self.retiring:
+            self.retiring, self.stop_reason = True, reason
+        self.wake.set()
+
+
+class ServerPool:
+    """The warm session of one stdio server in this worker process.
+
+    Args:
+        server: The registry entry.
+        max_output_bytes: Longest answer accepted when the entry sets no ``max_output_bytes``.
+    """
+
+    def __init__(self, server: StdioServer, *, max_output_bytes: int) -> None:
+        self.server = server
+        self._max_line = (server.max_output_bytes or max_output_bytes) + _ENVELOPE
+        self._gen: _Generation | None = None
+        self._numbers = itertools.count(1)
+        self._failures = 0
+        self._retry_at = 0.0
+        self._slots = asyncio.Semaphore(server.max_concurrency)
+        self._live: set[_Generation] = set()
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the live server process, if any."""
+        gen = self._gen
+        return gen.pipe.pid if gen and not gen.ended else None
+
+    # -- generations --------------------------------------------------------------------------
+    def _current(self) -> _Generation:
+        """The generation new calls use, starting one when needed (no await: atomic on the loop)."""
+        if self._closed:
+            raise ServerCrashed(f"stdio server {self.server.name!r}: the worker is shutting down")
+        gen = self._gen
+        max_calls = self.server.max_calls
+        spent = bool(max_calls and gen is not None and gen.calls >= max_calls)
+        if gen is not None and not (gen.retiring or gen.ended or gen.pipe.dead.is_set() or spent):
+            return gen
+        if gen is not None:
+            gen.retire("max_calls reached" if spent else "replaced")
+        delay = max(0.0, self._retry_at - time.monotonic())
+        loop = asyncio.get_running_loop()
+        gen = _Generation(next(self._numbers), StdioPipe(self.server, max_line_bytes=self._max_line),
+                          loop.create_future())
+        gen.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+        gen.owner = loop.create_task(self._own(gen, delay), name=f"stdio-owner-{self.server.name}-{gen.number}")
+        self._live.add(gen)
+        self._gen = gen
+        return gen
+
+    def start(self) -> None:
+        """Start the server now (in the background) if no generation runs."""
+        self._current()
+
+    async def _own(self, gen: _Generation, delay: float) -> None:
+        """Owner task: enter the session, keep it until told to stop, leave it (same task)."""
+        name = self.server.name
+        try:
+            if delay:
+                log.info("stdio server %s: restarting in %.2fs", name, delay, extra={"stdio_server": name})
+                await asyncio.sleep(delay)
+            started = time.perf_counter()
+            client = Client(gen.pipe, mode="auto", cache=None, client_info=_CLIENT_INFO)
+            try:
+                async with asyncio.timeout(self.server.startup_timeout):
+                    await client.__aenter__()
+                    await _absorb_tools(client)
+            except BaseException as exc:
+                error = self._startup_error(gen, exc)
+                self._failed()
+                if not gen.ready.done():
+                    gen.ready.set_exception(error)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            log.info("stdio server %s ready in %.0f ms (pid %s, protocol %s)", name,
+                     1000 * (time.perf_counter() - started), gen.pipe.pid, client.protocol_version,
+                     extra={"stdio_server": name, "server_pid": gen.pipe.pid})
+            gen.ready.set_result(client)
+            try:
+                await self._hold(gen)
+            finally:
+                gen.ended = True
+                await client.__aexit__(None, None, None)
+        finally:
+            gen.ended = True
+            if not gen.ready.done():
+                gen.ready.set_exception(ServerCrashed(f"stdio server {name!r} stopped before it was ready"))
+            self._live.discard(gen)
+            if self._gen is gen:
+                self._gen = None
+
+    async def _hold(self, gen: _Generation) -> None:
+        """Wait until the generation must stop: closed, dead, drained after retirement, or idle."""
+        idle = self.server.idle_timeout
+        dead = asyncio.ensure_future(gen.pipe.dead.wait())
+        try:
+            while True:
+                if self._closed:
+                    return
+                if gen.pipe.dead.is_set():
+                    if not self._closed and gen.pipe.failure is not None:
+                        self._failed()
+                    return
+                if gen.retiring and gen.inflight == 0:
+                    log.info("stdio server %s: recycling (%s)", self.server.name, gen.stop_reason,
+                             extra={"stdio_server": self.server.name})
+                    return
+                if idle and gen.inflight == 0 and time.monotonic() - gen.last_used >= idle:
+                    gen.retire("idle")
+                    continue
+                gen.wake.clear()
+                timeout = None if not idle else max(0.01, gen.last_used + idle - time.monotonic())
+                woke = asyncio.ensure_future(gen.wake.wait())
+                await asyncio.wait({dead, woke}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                woke.cancel()
+        finally:
+            dead.cancel()
+
+    def _startup_error(self, gen: _Generation, exc: BaseException) -> SarkError:
+        name, pipe = self.server.name, gen.pipe
+        if pipe.failure is not None:
+            return pipe.failure
+        if isinstance(exc, TimeoutError):
+            return InvocationTimeout(
+                f"stdio server {name!r} did not complete the MCP handshake within {self.server.startup_timeout:g}s",
+                {"server": name, "phase": "initialize"})
+        if isinstance(exc, SarkError):
+            return exc
+        if isinstance(exc, asyncio.CancelledError):
+            return ServerCrashed(f"stdio server {name!r}: start interrupted", {"server": name})
+        return ProtocolError(f"stdio server {name!r} failed the MCP handshake: {type(exc).__name__}: {exc}",
+                             {"server": name, "phase": "initialize"})
+
+    def _failed(self) -> None:
+        self._failures += 1
+        self._retry_at = time.monotonic() + min(_BACKOFF_BASE * 2 ** (self._failures - 1), _BACKOFF_MAX)
+
+    # -- calls --------------------------------------------------------------------------------
+    async def _session(self) -> tuple[_Generation, Client]:
+        gen = self._current()
+        client = await asyncio.shield(gen.ready)
+        if gen.pipe.dead.is_set():  # died between becoming ready and now
+            gen = self._current()
+            client = await asyncio.shield(gen.ready)
+        return gen, client
+
+    def _error(self, gen: _Generation, exc: MCPError) -> SarkError:
+        name = self.server.name
+        if exc.code == types.CONNECTION_CLOSED:
+            return gen.pipe.failure or ServerCrashed(f"stdio server {name!r} closed the connection", {"server": name})
+        if exc.code == OUTPUT_TOO_LARGE:
+            data = exc.error.data if isinstance(exc.error.data, dict) else {}
+            return PayloadTooLarge(f"stdio server {name!r}: {exc.error.message}",
+                                   {"server": name, "what": "result", **data})
+        if exc.code == types.REQUEST_TIMEOUT:
+            return InvocationTimeout(f"stdio server {name!r}: {exc.error.message}", {"server": name})
+        status = 400 if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST) else 502
+        return ToolError(f"stdio server {name!r} answered error {exc.code}: {exc.error.message}",
+                         {"server": name, "code": exc.code}, status_code=status)
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any], *, timeout: float,
+                        sink: ChunkSink | None) -> ToolOutcome:
+        """Call ``tool`` on the warm session (starting it if needed) within ``timeout`` seconds in all.
+
+        Raises:
+            SarkError: see the module docstring.
+        """
+        forwarder = _ProgressForwarder(sink) if sink is not None else None
+        gen: _Generation | None = None
+        try:
+            async with asyncio.timeout(timeout), self._slots:
+                gen, client = await self._session()
+                gen.calls += 1
+                gen.inflight += 1
+                try:
+                    result = await client.call_tool(
+                        tool, arguments, progress_callback=forwarder.on_progress if forwarder else None)
+                finally:
+                    gen.inflight -= 1
+                    gen.last_used = time.monotonic()
+                    gen.wake.set()
+                if forwarder is not None:
+                    await forwarder.drain()
+        except TimeoutError:
+            raise InvocationTimeout(f"stdio server {self.server.name!r}: no answer to {tool!r} within {timeout:g}s",
+                                    {"server": self.server.name, "tool": tool}) from None
+        except MCPError as exc:
+            assert gen is not None
+            raise self._error(gen, exc) from None
+        except ValidationError as exc:
+            raise ProtocolError(f"stdio server {self.server.name!r} sent an invalid result: "
+                                f"{exc.error_count()} validation error(s)", {"server": self.server.name}) from None
+        finally:
+            if forwarder is not None:
+                forwarder.close()
+        self._failures = 0
+        data = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return ToolOutcome(result=data, is_error=bool(result.is_error), chunks=forwarder.count if forwarder else 0)
+
+    async def list_tools(self, *, timeout: float) -> list[GatewayToolInfo]:
+        """Every tool of the server, following ``nextCursor`` pages."""
+        name = self.server.name
+        tools: list[GatewayToolInfo] = []
+        gen: _Generation | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                gen, client = await self._session()
+                cursor: str | None = None
+                for _ in range(_LIST_PAGES_MAX):
+                    page = await client.list_tools(cursor=cursor)
+                    tools.extend(_tool_info(name, tool) for tool in page.tools)
+                    cursor = page.next_cursor
+                    if not cursor:
+                        return tools
+        except TimeoutError:
+            raise InvocationTimeout(f"stdio server {name!r}: tools/list not answered within {timeout:g}s",
+                                    {"server": name}) from None
+        except MCPError as exc:
+            assert gen is not None
+            raise self._error(gen, exc) from None
+        raise ProtocolError(f"stdio server {name!r}: tools/list returned more than {_LIST_PAGES_MAX} pages",
+                            {"server": name})
+
+    async def close(self) -> None:
+        """Stop every generation (calls still in flight fail) and wait until its process is gone."""
+        self._closed = True
+        live = list(self._live)
+        for gen in live:
+            gen.retire("worker shutdown")
+        await asyncio.gather(*(gen.owner for gen in live if gen.owner is not None), return_exceptions=True)
+
+
+async def _absorb_tools(client: Client) -> None:
+    """List the tools once, so the SDK can check structured results against their output schemas."""
+    cursor: str | None = None
+    for _ in range(_LIST_PAGES_MAX):
+        try:
+            page = await client.list_tools(cursor=cursor)
+        except MCPError:
+            return  # a server without tools/list can still be called
+        cursor = page.next_cursor
+        if not cursor:
+            return
+
+
+def _tool_info(server: str, tool: types.Tool) -> GatewayToolInfo:
+    schema = tool.input_schema or {}
+    required = set(schema.get("required") or [])
+    properties = schema.get("properties") or {}
+    parameters = [
+        {"name": key, "required": key in required, **(value if isinstance(value, dict) else {})}
+        for key, value in properties.items()
+    ]
+    return GatewayToolInfo(tool_name=tool.name, server_name=server, description=tool.description or "",
+                           parameters=parameters)
+
+
+class _ProgressForwarder:
+    """Turns progress notifications into chunks, delivered to the sink in order by one task."""
+
+    def __init__(self, sink: ChunkSink) -> None:
+        self._sink = sink
+        self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run())
+        self.count = 0
+
+    async def on_progress(self, progress: float, total: float | None, message: str | None) -> None:
+        data: dict[str, Any] = {"progress": progress, "total": total, "message": message}
+        self._queue.put_nowait(Chunk(seq=self.count, event_type="progress", data=data))
+        self.count += 1
+
+    async def _run(self) -> None:
+        while (chunk := await self._queue.get()) is not None:
+            await self._sink(chunk)
+
+    async def drain(self) -> None:
+        """Wait until every chunk so far reached the sink (re-raising the sink's error)."""
+        self._queue.put_nowait(None)
+        await self._task
+
+    def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+
+
+class StdioTransport:
+    """The ``stdio`` transport: one :class:`ServerPool` per registry stdio server.
+
+    Args:
+        servers: The registry's stdio servers.
+        max_result_bytes: Default cap on one answer (``max_output_bytes`` overrides per server).
+        list_timeout: Seconds allowed for ``tools/list`` (all pages, including a cold start).
+    """
+
+    name: TransportName = "stdio"
+
+    def __init__(self, servers: list[StdioServer], *, max_result_bytes: int, list_timeout: float = 30.0) -> None:
+        self._servers = {s.name: s for s in servers}
+        self._max_result_bytes = max_result_bytes
+        self._list_timeout = list_timeout
+        self._pools: dict[str, ServerPool] = {}
+
+    def pool(self, server: StdioServer) -> ServerPool:
+        """The pool of ``server`` (created on first use)."""
+        pool = self._pools.get(server.name)
+        if pool is None or pool.server != server:
+            pool = self._pools[server.name] = ServerPool(server, max_output_bytes=self._max_result_bytes)
+        return pool
+
+    async def open(self) -> None:
+        """Start ``eager`` servers in the background (a failure shows on their first call)."""
+        for server in self._servers.values():
+            if server.eager:
+                self.pool(server).start()
+
+    async def close(self) -> None:
+        """Stop every server process: close stdin → SIGTERM → SIGKILL, then reap."""
+        pools, self._pools = list(self._pools.values()), {}
+        await asyncio.gather(*(pool.close() for pool in pools), return_exceptions=True)
+
+    async def invoke(self, call: Call) -> ToolOutcome:
+        """``tools/call`` on the server's warm session; progress notifications go to ``call.sink``."""
+        server = stdio_server(call.server)
+        pool = self.pool(server)
+        return await pool.call_tool(call.invocation.tool, dict(call.invocation.arguments), timeout=call.timeout,
+                                    sink=call.sink)
+
+    async def list_tools(self, server: GatewayServer | StdioServer | None) -> list[GatewayToolInfo]:
+        """``tools/list`` (every page) of one stdio server, or of all of them."""
+        targets = [stdio_server(server)] if server is not None else list(self._servers.values())
+        tools: list[GatewayToolInfo] = []
+        for target in targets:
+            tools.extend(await self.pool(target).list_tools(timeout=self._list_timeout))
+        return tools
+
