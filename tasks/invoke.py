@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from celery import Task
+from celery.exceptions import Reject
 
 from workers.app import app
 from workers.breaker import breaker_command
@@ -21,7 +22,7 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
-from workers.errors import CircuitOpen, InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
+from workers.errors import Cancelled, CircuitOpen, InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
 from workers.invoker import execute
 from workers.keys import ATTEMPT_TTL, attempt_key
 from workers.runtime import Runtime, get_runtime
@@ -87,6 +88,10 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:
         raise InvocationTimeout(f"no result within {wait:g}s") from None
+    except Cancelled:
+        if runtime.draining:  # interrupted by the worker's shutdown, not by the caller: run it elsewhere
+            raise Reject("worker shutting down", requeue=True) from None
+        raise
     except CircuitOpen as exc:
         # Re-queue after the breaker's remaining open time, if configured (default: fail fast).
         if self.request.retries >= s.breaker_retry_max:

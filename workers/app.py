@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -14,6 +15,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.worker.control import control_command
 from kombu import Queue  # type: ignore[attr-defined]
@@ -97,7 +99,17 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_send_sent_event=settings.send_sent_event,
         result_expires=settings.result_expires,
         result_extended=False,
-        broker_transport_options=_transport_options(settings),
+        # A Redis restart must not turn a finished invocation into a failure: retry storing results.
+        result_backend_always_retry=True,
+        result_backend_max_retries=60,
+        result_backend_max_sleep_between_retries_ms=1_000,
+        broker_transport_options={
+            **_transport_options(settings),
+            # Sweep for deliveries of lost workers often enough that a redelivery follows the
+            # visibility timeout closely (kombu's default sweep is every 10 s x 10 calls).
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 6)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
@@ -105,8 +117,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_queue=settings.queue_http,
         task_routes=(InvocationRouter(settings),),
         worker_hijack_root_logger=False,
-        # SIGTERM (remapped to SIGQUIT by `sark worker`): running invocations get this long, the rest are requeued.
-        worker_soft_shutdown_timeout=settings.shutdown_grace,
         timezone="UTC",
         enable_utc=True,
     )
@@ -132,6 +142,27 @@ def _refuse_invalid_config(**_: Any) -> None:
         for problem in errors:
             log.error("invalid configuration: %s", problem)
         raise SystemExit(f"refusing to start: {len(errors)} configuration error(s); run `sark check-config`")
+
+
+@worker_shutting_down.connect
+def _drain_after_grace(how: str = "", **_: Any) -> None:
+    # Warm shutdown (SIGTERM) waits for running tasks; Celery's own soft shutdown cannot stop threads.
+    # So: running invocations get `shutdown_grace` seconds, then they are interrupted and their
+    # messages requeued (Reject), for another worker to carry out with the same request_id.
+    runtime = current_runtime()
+    if runtime is None:
+        return
+    grace = 0.0 if how == "Cold" else runtime.settings.shutdown_grace
+
+    def drain() -> None:
+        interrupted = runtime.drain()
+        if interrupted:
+            log.warning("shutdown: %d invocation(s) still running after %.1fs go back to the queue",
+                        interrupted, grace)
+
+    timer = threading.Timer(grace, drain)
+    timer.daemon = True
+    timer.start()
 
 
 @worker_process_init.connect

@@ -41,8 +41,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
         "-P", args.pool, "-c", str(args.concurrency), "-n", f"{args.name}@%h", "-l", args.loglevel, "-E",
     ]
-    # SIGTERM → soft shutdown: running invocations get SARK_SHUTDOWN_GRACE seconds, the rest go back to the queue.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     os.execv(sys.executable, argv)
 
 

@@ -8,10 +8,12 @@ queue="sark.http")``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from celery import Celery
+import redis
+from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
@@ -28,21 +30,60 @@ from workers.errors import InvocationTimeout, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
 from workers.tokens import seal_token
 
-__all__ = ["AsyncSarkClient", "InvocationHandle", "SarkClient"]
+__all__ = ["AsyncSarkClient", "InvocationHandle", "SarkClient", "wait_result"]
 
 #: Control command the workers register to cancel an invocation that is already running.
 CANCEL_COMMAND = "sark_cancel"
 
 
-def _wait(pending: AsyncResult, timeout: float | None) -> Any:
+def wait_result(pending: AsyncResult, timeout: float | None) -> Any:
+    """``pending``'s value, riding out a backend (Redis) restart until ``timeout``.
+
+    Results normally arrive through Celery's pub/sub consumer; every second without one, the backend is
+    also read directly, because that consumer does not always recover from a Redis restart.
+
+    Raises:
+        SarkError: the task's own typed error, or :class:`InvocationTimeout` when no result came in time.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise InvocationTimeout(f"no result for {pending.id} within {timeout}s")
+        try:
+            return pending.get(timeout=1.0 if remaining is None else min(remaining, 1.0), propagate=True)
+        except CeleryTimeout:
+            pass
+        except SarkError:
+            raise
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            time.sleep(0.1)  # the backend is restarting
+        except Exception as exc:  # a worker-side failure that is not ours: keep it typed
+            raise SarkError(f"{type(exc).__name__}: {exc}") from exc
+        ready, value = _read_backend(pending)
+        if ready:
+            return value
+
+
+def _read_backend(pending: AsyncResult) -> tuple[bool, Any]:
+    """(True, value) when the backend holds a final state for ``pending`` (raising its error)."""
+    backend = pending.backend
     try:
-        return pending.get(timeout=timeout, propagate=True)
-    except CeleryTimeout:
-        raise InvocationTimeout(f"no result for {pending.id} within {timeout}s") from None
-    except SarkError:
-        raise
-    except Exception as exc:  # a worker-side failure that is not ours: keep it typed
-        raise SarkError(f"{type(exc).__name__}: {exc}") from exc
+        meta = backend.get_task_meta(pending.id, cache=False)
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False, None
+    status = meta.get("status")
+    if status not in states.READY_STATES:
+        return False, None
+    if status == states.SUCCESS:
+        return True, meta.get("result")
+    error = backend.exception_to_python(meta.get("result"))
+    if isinstance(error, SarkError):
+        raise error
+    raise SarkError(f"{type(error).__name__}: {error}")
+
+
+_wait = wait_result
 
 
 class InvocationHandle:

@@ -45,6 +45,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ProcessExited(RuntimeError):
+    """A process being waited for exited instead of becoming ready."""
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
     """Poll ``check`` until it is true.
 
@@ -56,6 +60,8 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         try:
             if check():
                 return
+        except ProcessExited:
+            raise
         except Exception:  # a failing probe means "not yet"
             pass
         time.sleep(interval)
@@ -170,7 +176,7 @@ def start_gateway(log_dir: Path, env: Mapping[str, str], *, port: int | None = N
 
     def healthy() -> bool:
         if not proc.alive():
-            raise RuntimeError(f"gateway exited:\n{proc.log()}")
+            raise ProcessExited(f"gateway exited:\n{proc.log()}")
         return httpx.get(health, timeout=0.5).status_code == 200
 
     wait_for(healthy, 20, "reference gateway")
@@ -199,7 +205,7 @@ def start_worker(
 
     def ready() -> bool:
         if not proc.alive():
-            raise RuntimeError(f"worker {name} exited:\n{proc.log()}")
+            raise ProcessExited(f"worker {name} exited:\n{proc.log()[-4000:]}")
         return " ready." in proc.log()
 
     wait_for(ready, ready_timeout, f"worker {name}", interval=0.1)

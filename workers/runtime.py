@@ -43,6 +43,8 @@ class Runtime:
         self.loop = EventLoopThread()
         self.transports: dict[TransportName, Transport] = {}
         self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
+        #: True once the worker is shutting down and has interrupted what was running.
+        self.draining = False
         self.loop.run(self._open(), timeout=60)
 
     async def _open(self) -> None:
@@ -92,6 +94,12 @@ class Runtime:
             raise TimeoutError(f"no result within {timeout}s") from None
         finally:
             self._inflight.pop(request_id, None)
+
+    def drain(self) -> int:
+        """Stop everything in flight (cold/soft shutdown): interrupted invocations go back to the queue."""
+        self.draining = True
+        futures = list(self._inflight.values())
+        return sum(1 for future in futures if future.cancel())
 
     def cancel(self, request_id: str) -> bool:
         """Interrupt the running invocation ``request_id``; False when it does not run here."""

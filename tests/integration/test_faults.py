@@ -1,0 +1,174 @@
+"""Faults with real processes: every invocation ends in a result or a typed error; none is lost.
+
+Each test runs its own workers on private queues (and, for the Redis restart, its own Redis) so the
+session's shared worker never takes their tasks. Figures are printed for the closing note.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from tests.conftest import GatewayControl
+from workers.client import wait_result
+from workers.contract import TASK_INVOKE, TOKEN_HEADER
+from workers.devstack import DevStack, Proc, start_redis, wait_for
+from workers.errors import InvocationTimeout, SarkError
+
+# Short, consistent timeouts (a redelivery happens 6 s after a lost delivery) and a registry with only
+# Gateway servers (stdio servers' start-up timeouts could not fit under so short a visibility timeout).
+REGISTRY = Path(__file__).with_name("faults-servers.yaml")
+FAST = {
+    "SARK_REGISTRY_PATH": str(REGISTRY),
+    "SARK_VISIBILITY_TIMEOUT": "6",
+    "SARK_MAX_INVOKE_TIMEOUT": "2.5",
+    "SARK_INVOKE_TIMEOUT": "2.5",
+    "SARK_INVOKE_WAIT_MAX": "0.2",
+}
+
+
+def _client(queue: str, **env: str) -> Celery:
+    from config.settings import Settings
+    from workers.app import create_app
+
+    fields = {k.removeprefix("SARK_").lower(): v for k, v in os.environ.items() if k.startswith("SARK_")}
+    fields.update({k.removeprefix("SARK_").lower(): v for k, v in {**FAST, **env}.items()})
+    fields["queue_http"] = queue
+    return create_app(Settings(**fields))
+
+
+@dataclass
+class Tally:
+    """Outcome counts of one fault run."""
+
+    sent: int = 0
+    completed: int = 0
+    typed_errors: int = 0
+    lost: int = 0
+    redelivered: int = 0
+    other: list[str] = field(default_factory=list)
+
+    def collect(self, pendings: list[AsyncResult], timeout: float) -> Tally:
+        deadline = time.monotonic() + timeout
+        for pending in pendings:
+            try:
+                result = wait_result(pending, max(0.1, deadline - time.monotonic()))
+                self.completed += 1
+                self.redelivered += int(result.get("attempt", 1) > 1)
+            except InvocationTimeout as exc:  # no outcome before the deadline: lost
+                self.lost += 1
+                self.other.append(f"{type(exc).__name__}: {exc}")
+            except SarkError as exc:
+                self.typed_errors += 1
+                self.other.append(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # lost (timeout) or untyped: both are failures of the guarantee
+                self.lost += 1
+                self.other.append(f"{type(exc).__name__}: {exc}")
+        return self
+
+    def report(self, what: str) -> None:
+        print(f"\nFAULT {what}: sent={self.sent} completed={self.completed} typed_errors={self.typed_errors} "
+              f"redelivered={self.redelivered} lost={self.lost}")
+
+
+def _send(app: Celery, queue: str, token: str, tool: str, arguments: dict[str, Any]) -> AsyncResult:
+    invocation = {"server": "echo", "tool": tool, "arguments": arguments}
+    return app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, queue=queue, headers={TOKEN_HEADER: token})
+
+
+@pytest.fixture()
+def queue(request: pytest.FixtureRequest) -> str:
+    return f"fault.{request.node.name[:40]}"
+
+
+def test_worker_sigkill_under_load_is_redelivered(
+    stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
+) -> None:
+    env = {**FAST, "SARK_QUEUE_HTTP": queue}
+    app = _client(queue)
+    victim = stack.worker("victim", env=env, queues=queue, concurrency=4)
+    pendings = [_send(app, queue, user_token, "sleep", {"seconds": 1.0}) for _ in range(12)]
+    tally = Tally(sent=len(pendings))
+    wait_for(lambda: gateway_control.stats()["invocations"] >= 2, 20, "victim busy")
+    victim.send_signal(signal.SIGKILL)
+    victim.popen.wait(10)
+    rescuer = stack.worker("rescuer", env=env, queues=queue, concurrency=4)
+    try:
+        tally.collect(pendings, timeout=60)
+    finally:
+        rescuer.stop()
+        app.close()
+    tally.report("worker SIGKILL under load")
+    assert tally.lost == 0, tally.other
+    assert tally.completed == tally.sent
+    seen = gateway_control.stats()["request_ids"]
+    assert set(seen) == {p.id for p in pendings}
+    duplicated = [rid for rid, n in seen.items() if n > 1]
+    assert duplicated, "the killed worker's in-flight invocations are delivered again"
+    assert tally.redelivered >= len(duplicated)  # and the second delivery says so (attempt > 1)
+
+
+def test_soft_shutdown_finishes_short_and_requeues_long(
+    stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
+) -> None:
+    env = {**FAST, "SARK_QUEUE_HTTP": queue, "SARK_SHUTDOWN_GRACE": "1"}
+    app = _client(queue)
+    first = stack.worker("soft", env=env, queues=queue, concurrency=4)
+    short = _send(app, queue, user_token, "sleep", {"seconds": 0.3})
+    long = _send(app, queue, user_token, "sleep", {"seconds": 2.2})
+    wait_for(lambda: gateway_control.stats()["invocations"] >= 2, 20, "both running")
+    first.send_signal(signal.SIGTERM)
+    assert short.get(timeout=10)["attempt"] == 1  # finished within the grace period
+    first.popen.wait(30)
+    assert long.state != "SUCCESS"
+    second = stack.worker("after-soft", env=env, queues=queue, concurrency=4)
+    try:
+        result = long.get(timeout=30)
+    finally:
+        second.stop()
+        app.close()
+    assert result["attempt"] >= 2
+    assert gateway_control.stats()["request_ids"][long.id] == 2
+    print(f"\nFAULT soft shutdown: short finished in grace, long requeued and completed (attempt {result['attempt']})")
+
+
+@pytest.fixture()
+def private_redis(stack: DevStack) -> Iterator[Proc]:
+    proc = start_redis(stack.log_dir, appendonly=True)
+    yield proc
+    proc.stop()
+
+
+def test_redis_restart_under_load(
+    stack: DevStack, private_redis: Proc, user_token: str, queue: str
+) -> None:
+    url = private_redis.url
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    env = {**FAST, "SARK_QUEUE_HTTP": queue, "SARK_BROKER_URL": url, "SARK_REDIS_URL": url}
+    app = _client(queue, SARK_BROKER_URL=url, SARK_REDIS_URL=url)
+    worker = stack.worker("redis-restart", env=env, queues=queue, concurrency=8)
+    pendings = [_send(app, queue, user_token, "sleep", {"seconds": 0.05}) for _ in range(150)]
+    tally = Tally(sent=len(pendings))
+    time.sleep(0.5)  # let the worker get going, then pull Redis from under it
+    private_redis.stop()  # SIGTERM: Redis flushes its AOF and exits
+    restarted = start_redis(stack.log_dir, port=port, appendonly=True,
+                            data_dir=stack.log_dir / f"redis-{port}")
+    try:
+        tally.collect(pendings, timeout=45)
+        assert worker.alive()
+    finally:
+        worker.stop()
+        restarted.stop()
+        app.close()
+    tally.report("Redis restart under load (AOF)")
+    assert tally.lost == 0, sorted(set(tally.other))[:5]
+    assert tally.completed == tally.sent, sorted(set(tally.other))[:5]
