@@ -188,7 +188,12 @@ def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
 
     from workers.devstack import wait_for
 
-    env = {"SARK_VISIBILITY_TIMEOUT": "5", "SARK_MAX_INVOKE_TIMEOUT": "2", "SARK_INVOKE_TIMEOUT": "2"}
+    from pathlib import Path
+
+    # Gateway servers only: stdio start-up timeouts cannot fit under so short a visibility timeout.
+    registry = str(Path(__file__).with_name("faults-servers.yaml"))
+    env = {"SARK_VISIBILITY_TIMEOUT": "5", "SARK_MAX_INVOKE_TIMEOUT": "2", "SARK_INVOKE_TIMEOUT": "2",
+           "SARK_REGISTRY_PATH": registry}
     conn = redis.Redis.from_url(stack.redis.url)  # type: ignore[union-attr]
     first = stack.worker("doomed", env=env, queues="sark.redeliver", concurrency=2)
     pending = celery_client.send_task(
