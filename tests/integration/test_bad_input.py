@@ -1,0 +1,158 @@
+"""Malformed-input matrix: each bad input gets a clear typed error, and the worker keeps serving.
+
+Also: a token sent with an invocation is found nowhere — not in any Redis key (broker messages
+included, with the operator's sealing key on), not in Flower's view of the events, not in the log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.helpers import invoke
+from workers.contract import TASK_GET_SERVER, TASK_INVOKE, TASK_LIST_TOOLS, TOKEN_HEADER
+from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc
+from workers.errors import (
+    InvalidInvocation,
+    PayloadTooLarge,
+    SarkError,
+    TokenExpired,
+    ToolError,
+    UnknownServer,
+)
+from workers.gateway import make_token
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+OK = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
+BAD_INVOCATIONS: list[tuple[str, Any, type[SarkError]]] = [
+    ("not an object", "echo", InvalidInvocation),
+    ("a list", ["echo", "echo"], InvalidInvocation),
+    ("null", None, InvalidInvocation),
+    ("missing server", {"tool": "echo"}, InvalidInvocation),
+    ("missing tool", {"server": "echo"}, InvalidInvocation),
+    ("server not a string", {"server": 42, "tool": "echo"}, InvalidInvocation),
+    ("empty tool", {"server": "echo", "tool": ""}, InvalidInvocation),
+    ("tool with spaces", {"server": "echo", "tool": "rm -rf"}, InvalidInvocation),
+    ("path traversal server", {"server": "../../etc", "tool": "echo"}, InvalidInvocation),
+    ("arguments a string", {**OK, "arguments": "x=1"}, InvalidInvocation),
+    ("arguments a list", {**OK, "arguments": [1, 2]}, InvalidInvocation),
+    ("a command field", {**OK, "command": "/bin/sh"}, InvalidInvocation),
+    ("an env field", {**OK, "env": {"LD_PRELOAD": "/tmp/x.so"}}, InvalidInvocation),
+    ("unknown transport", {**OK, "transport": "carrier-pigeon"}, InvalidInvocation),
+    ("stdio transport for a Gateway server", {**OK, "transport": "stdio"}, InvalidInvocation),
+    ("negative timeout", {**OK, "timeout": -5}, InvalidInvocation),
+    ("timeout above the maximum", {**OK, "timeout": 10_000}, InvalidInvocation),
+    ("stream not a bool", {**OK, "stream": "yes please"}, InvalidInvocation),
+    ("unknown server", {**OK, "server": "nobody-home"}, UnknownServer),
+    ("oversized arguments", {**OK, "arguments": {"blob": "y" * 1_200_000}}, PayloadTooLarge),
+    ("deeply nested arguments", {**OK, "arguments": {"a": [[[[[[[[[[{"b": 1}]]]]]]]]]]}}, SarkError),
+]
+
+
+def test_malformed_invocation_matrix(celery_client: Celery, user_token: str, worker: Proc) -> None:
+    pendings = [(name, celery_client.send_task(TASK_INVOKE, kwargs={"invocation": raw},
+                                               headers={TOKEN_HEADER: user_token}), expected)
+                for name, raw, expected in BAD_INVOCATIONS]
+    outcomes: Counter[str] = Counter()
+    for name, pending, expected in pendings:
+        if expected is SarkError:  # valid after all: must succeed (deep nesting is fine JSON)
+            assert pending.get(timeout=30)["is_error"] is False, name
+            outcomes["ok"] += 1
+            continue
+        with pytest.raises(expected) as info:
+            pending.get(timeout=30)
+        assert info.value.message, name
+        outcomes[type(info.value).__name__] += 1
+    print(f"\nMALFORMED INPUT: {len(pendings)} inputs -> {dict(outcomes)}; lost 0")
+    assert worker.alive()
+    assert invoke(celery_client, "echo", "echo", {"still": "alive"}, token=user_token)["is_error"] is False
+
+
+def test_malformed_task_messages(celery_client: Celery) -> None:
+    # Not even the right task signature: Celery-level errors, the worker survives.
+    with pytest.raises(TypeError):
+        celery_client.send_task(TASK_INVOKE, args=[1, 2, 3]).get(timeout=30)
+    with pytest.raises(TypeError):
+        celery_client.send_task(TASK_INVOKE, kwargs={"nope": 1}).get(timeout=30)
+    with pytest.raises(InvalidInvocation):
+        celery_client.send_task(TASK_GET_SERVER, kwargs={"server_id": ""}).get(timeout=30)
+    with pytest.raises(UnknownServer):
+        celery_client.send_task(TASK_LIST_TOOLS, kwargs={"server": "nobody-home"}).get(timeout=30)
+
+
+def test_token_checks_at_dequeue(celery_client: Celery) -> None:
+    expired = make_token(DEFAULT_JWT_SECRET, ttl=-30)
+    with pytest.raises(TokenExpired) as info:
+        invoke(celery_client, "echo", "echo", token=expired)
+    assert info.value.detail["expired_for"] >= 29
+    with pytest.raises(ToolError) as denied:
+        invoke(celery_client, "echo", "echo", token="not-a-jwt")  # opaque: the Gateway decides (401)
+    assert denied.value.status_code == 401
+    with pytest.raises(InvalidInvocation, match="no SARK_TOKEN_KEY"):
+        invoke(celery_client, "echo", "echo", token="fernet:gAAAAABnot-really")
+
+
+def _scan_redis(url: str, needle: bytes) -> list[str]:
+    """Keys whose name or value holds ``needle`` (strings, lists, hashes, streams, sets, zsets)."""
+    client = redis.Redis.from_url(url)
+    hits = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"list":
+            values = client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values = [v for pair in client.hgetall(key).items() for v in pair]
+        elif kind == b"stream":
+            values = [v for _, fields in client.xrange(key) for pair in fields.items() for v in pair]
+        elif kind == b"set":
+            values = list(client.smembers(key))
+        elif kind == b"zset":
+            values = client.zrange(key, 0, -1)
+        else:
+            values = []
+        if needle in key or any(needle in value for value in values):
+            hits.append(key.decode(errors="replace"))
+    client.close()
+    return hits
+
+
+def test_token_found_nowhere(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from cryptography.fernet import Fernet
+
+    from config.settings import Settings
+    from workers.client import SarkClient
+
+    key = Fernet.generate_key().decode()
+    queue = "sark.http.sealed"
+    env = {"SARK_TOKEN_KEY": key, "SARK_QUEUE_HTTP": queue, "SARK_QUEUE_SSE": queue + ".sse"}
+    proc = stack.worker("sealed", env=env, queues=f"{queue},{queue}.sse")
+    fields = {k.removeprefix("SARK_").lower(): v for k, v in os.environ.items() if k.startswith("SARK_")}
+    fields.update(token_key=key, queue_http=queue, queue_sse=queue + ".sse")
+    client = SarkClient(Settings(**fields))
+    token = make_token(DEFAULT_JWT_SECRET, sub="canary-user-7f3a", teams=["users"])
+    try:
+        # queued while paused, so the sealed message sits in Redis when we scan
+        handles = [client.invoke("echo", "add", {"a": 1, "b": i}, token=token) for i in range(3)]
+        streamed = client.invoke("echo-stream", "stream_data", {"count": 3}, token=token, stream=True)
+        failing = client.invoke("restricted", "echo", {}, token=token)
+        for handle in handles:
+            assert handle.result(timeout=30).is_error is False
+        assert len(list(streamed.stream())) == 3
+        with pytest.raises(SarkError):
+            failing.result(timeout=30)
+        assert stack.redis is not None
+        assert _scan_redis(stack.redis.url, token.encode()) == []
+        assert _scan_redis(stack.redis.url, token.split(".")[1].encode()) == []  # not even the claims
+        assert token not in proc.log()
+        assert token.split(".")[1] not in proc.log()
+    finally:
+        proc.stop()
+        client.close()
