@@ -31,6 +31,8 @@ def test_expected_services_with_healthchecks() -> None:
     for name, service in _services().items():
         assert "healthcheck" in service, name
         assert service.get("restart") == "unless-stopped", name
+        if name != "redis":
+            assert service.get("init") is True, f"{name}: needs an init to reap orphaned stdio servers"
 
 
 def test_redis_has_aof_and_auth() -> None:
