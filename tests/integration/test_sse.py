@@ -185,10 +185,9 @@ def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
     stack: DevStack, celery_client: Celery, user_token: str
 ) -> None:
     import signal
+    from pathlib import Path
 
     from workers.devstack import wait_for
-
-    from pathlib import Path
 
     # Gateway servers only: stdio start-up timeouts cannot fit under so short a visibility timeout.
     registry = str(Path(__file__).with_name("faults-servers.yaml"))

@@ -90,6 +90,8 @@ class ControlState:
     remaining: int | None = None
     scope: Literal["invoke", "all"] = "invoke"
     invocations: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
     discovery_calls: int = 0
     request_ids: Counter[str] = field(default_factory=Counter)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
@@ -253,7 +255,12 @@ class ReferenceGateway:
         if payload.get("stream"):
             request_id = str(payload.get("request_id") or "")
             return sse_response(tool, parameters, request_id, request.headers.get("last-event-id"))
-        return await self._call(tool, parameters)
+        ctl.in_flight += 1
+        ctl.max_in_flight = max(ctl.max_in_flight, ctl.in_flight)
+        try:
+            return await self._call(tool, parameters)
+        finally:
+            ctl.in_flight -= 1
 
     async def _call(self, tool: str, parameters: dict[str, Any]) -> Response:
         started = time.perf_counter()
@@ -290,6 +297,8 @@ class ReferenceGateway:
             {
                 "invocations": ctl.invocations,
                 "discovery_calls": ctl.discovery_calls,
+                "in_flight": ctl.in_flight,
+                "max_in_flight": ctl.max_in_flight,
                 "request_ids": dict(ctl.request_ids),
                 "headers": ctl.headers_seen,
             }
