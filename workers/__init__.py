@@ -40,6 +40,8 @@ __all__ = [
     "TransportError",
     "UnknownServer",
     "__version__",
+    "astream",
+    "stream",
 ]
 
 from workers.contract import (
@@ -72,6 +74,8 @@ _LAZY = {
     "AsyncSarkClient": "workers.client",
     "InvocationHandle": "workers.client",
     "SarkClient": "workers.client",
+    "stream": "workers.stream_client",
+    "astream": "workers.stream_client",
     "Chunk": "workers.models",
     "GatewayServerInfo": "workers.models",
     "GatewayToolInfo": "workers.models",
@@ -82,6 +86,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from workers.client import AsyncSarkClient, InvocationHandle, SarkClient
     from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, Invocation, InvocationResult
+    from workers.stream_client import astream, stream
 
 def __getattr__(name: str) -> Any:
     # Clients and models are imported on first use so `import workers.errors` stays light.

@@ -89,8 +89,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
     """Follow an invocation's stream until its terminal entry."""
     from config.settings import get_settings
     from workers import stream_client
+    from workers.errors import SarkError
 
-    _follow(stream_client.stream(args.task_id, redis_url=get_settings().redis_url, after=args.after))
+    try:
+        _follow(stream_client.stream(args.task_id, redis_url=get_settings().redis_url, after=args.after))
+    except SarkError as exc:  # the stream ended with an error or cancelled entry, or went idle
+        _print_json({"error": exc.to_dict(), "request_id": args.task_id})
+        return 1
     return 0
 
 

@@ -19,6 +19,7 @@ PUBLIC_API = {
     "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InvalidInvocation", "Invocation",
     "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
     "SarkError", "ServerCrashed", "TokenExpired", "ToolError", "TransportError", "UnknownServer", "__version__",
+    "stream", "astream",
 }
 
 

@@ -1,0 +1,47 @@
+"""Every benchmark in one command: ``.venv/bin/python -m bench.run_all`` (``bash scripts/bench.sh``).
+
+Each part starts its own Redis, Gateway, workers and servers on loopback, runs a bounded load and prints
+its figures beside the floor measured in the same run; the summary is written to bench/results/all.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from bench.common import RESULTS
+
+PARTS = ["bench_http", "stdio_bench", "stream_bench", "breaker_bench", "bench_scaling"]
+
+
+def _load(name: str) -> Any:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every part in turn, then print and save the summary."""
+    import importlib
+
+    started = time.perf_counter()
+    failed = []
+    for part in PARTS:
+        print(f"\n##### {part}", flush=True)
+        try:
+            importlib.import_module(f"bench.{part}").main([])
+        except Exception as exc:  # one broken part must not hide the others' figures
+            failed.append(f"{part}: {type(exc).__name__}: {exc}")
+            print(f"!! {part} failed: {exc}", flush=True)
+    summary = {name: _load(name) for name in ("http", "stdio", "stream_bench", "breaker", "scaling")}
+    summary["failed"] = failed
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "all.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nall figures written to {RESULTS / 'all.json'} in {summary['seconds']} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
