@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         one.stop()
         two.stop()
 
-        big = stack.worker("in-flight", queues="sark.http", concurrency=args.in_flight, ready_timeout=120)
+        # The HTTP pool, not the worker, caps concurrency at 100 by default: open it for this figure.
+        pool = {"SARK_HTTP_MAX_CONNECTIONS": str(args.in_flight + 50), "SARK_HTTP_MAX_KEEPALIVE": "100"}
+        big = stack.worker("in-flight", queues="sark.http", concurrency=args.in_flight, ready_timeout=120, env=pool)
         out["idle_rss_mb"] = rss_mb(big)
         control.post("/_control/reset")
         pendings = [send(3.0) for _ in range(args.in_flight)]

@@ -7,6 +7,7 @@ its figures beside the floor measured in the same run; the summary is written to
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from typing import Any
@@ -23,17 +24,15 @@ def _load(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every part in turn, then print and save the summary."""
-    import importlib
-
     started = time.perf_counter()
     failed = []
     for part in PARTS:
         print(f"\n##### {part}", flush=True)
-        try:
-            importlib.import_module(f"bench.{part}").main([])
-        except Exception as exc:  # one broken part must not hide the others' figures
-            failed.append(f"{part}: {type(exc).__name__}: {exc}")
-            print(f"!! {part} failed: {exc}", flush=True)
+        # One process per part: each starts its own stack and reads its own SARK_* settings.
+        done = subprocess.run([sys.executable, "-m", f"bench.{part}", *(argv or [])], check=False)
+        if done.returncode != 0:  # one broken part must not hide the others' figures
+            failed.append(f"{part}: exit {done.returncode}")
+            print(f"!! {part} failed (exit {done.returncode})", flush=True)
     summary = {name: _load(name) for name in ("http", "stdio", "stream_bench", "breaker", "scaling")}
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - started, 1)

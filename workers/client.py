@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery import Celery, states
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
@@ -26,7 +27,7 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
-from workers.errors import InvocationTimeout, SarkError
+from workers.errors import Cancelled, InvocationTimeout, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
 from workers.tokens import seal_token
 
@@ -56,6 +57,9 @@ def wait_result(pending: AsyncResult, timeout: float | None) -> Any:
             pass
         except SarkError:
             raise
+        except TaskRevokedError:
+            raise Cancelled(f"invocation {pending.id} was cancelled before it ran",
+                            {"request_id": pending.id}) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             time.sleep(0.1)  # the backend is restarting
         except Exception as exc:  # a worker-side failure that is not ours: keep it typed

@@ -95,3 +95,18 @@ def test_plain_celery_worker_refuses_invalid_config(stack: DevStack, tmp_path: P
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode != 0
     assert "shell" in done.stdout + done.stderr
+
+
+def test_invoke_stream_and_follow(stack: DevStack, user_token: str) -> None:
+    done = sark(stack, "invoke", "echo-stream", "stream_data", "--args", '{"count": 3}', "--stream",
+                env={"SARK_USER_TOKEN": user_token})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    chunks = [json.loads(line) for line in lines[:3]]
+    assert [c["seq"] for c in chunks] == [0, 1, 2]
+    result = json.loads("\n".join(lines[3:]))
+    assert result["chunks"] == 3
+    task_id = done.stderr.split("enqueued ")[1].split()[0]
+    again = sark(stack, "stream", task_id)  # anyone can follow it afterwards, from the start
+    assert again.returncode == 0
+    assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] == [0, 1, 2]

@@ -1,0 +1,76 @@
+"""The client API other apps use (sync and async), against the real worker and Gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from config.settings import Settings
+from workers import AsyncSarkClient, AuthorizationDenied, Cancelled, InvocationResult, SarkClient
+from workers.devstack import DevStack, Proc
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+@pytest.fixture(scope="module")
+def client(stack: DevStack) -> SarkClient:
+    return SarkClient(Settings())
+
+
+def test_invoke_returns_typed_result(client: SarkClient, user_token: str) -> None:
+    handle = client.invoke("echo", "add", {"a": 1, "b": 2}, token=user_token)
+    result = handle.result(timeout=30)
+    assert isinstance(result, InvocationResult)
+    assert result.request_id == handle.id and result.result["structuredContent"] == {"sum": 3.0}
+    assert handle.state == "SUCCESS"
+
+
+def test_typed_error_and_discovery(client: SarkClient, user_token: str) -> None:
+    with pytest.raises(AuthorizationDenied):
+        client.invoke("restricted", "echo", token=user_token).result(timeout=30)
+    assert {s.server_id for s in client.list_servers()} >= {"echo", "restricted"}
+    assert client.get_server("nope") is None
+    assert "add" in {t.tool_name for t in client.list_tools("echo")}
+    assert client.health()["gateway"] is True
+
+
+def test_stream_through_the_handle(client: SarkClient, user_token: str) -> None:
+    handle = client.invoke("echo-stream", "stream_data", {"count": 4}, token=user_token, stream=True)
+    chunks = list(handle.stream())
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert handle.result(timeout=30).chunks == 4
+
+
+def test_cancel_running_invocation(client: SarkClient, user_token: str) -> None:
+    handle = client.invoke("echo", "sleep", {"seconds": 20}, token=user_token, timeout=25)
+    deadline = time.monotonic() + 10
+    while handle.state == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.05)  # let it start (STARTED is not stored: wait until it is on a worker)
+        if handle.state == "PENDING":
+            inspect = client.app.control.inspect(timeout=0.5).active() or {}
+            if any(t["id"] == handle.id for tasks in inspect.values() for t in tasks):
+                break
+    started = time.monotonic()
+    handle.cancel()
+    with pytest.raises(Cancelled):
+        handle.result(timeout=15)
+    assert time.monotonic() - started < 10  # interrupted, not waited out
+
+
+def test_async_client(stack: DevStack, user_token: str, worker: Proc) -> None:
+    async def scenario() -> tuple[InvocationResult, list[int]]:
+        client = AsyncSarkClient(Settings())
+        try:
+            handle = await client.invoke("echo", "echo", {"async": True}, token=user_token)
+            result = await client.result(handle, timeout=30)
+            streamed = await client.invoke("echo-stream", "stream_data", {"count": 3}, token=user_token, stream=True)
+            seqs = [chunk.seq async for chunk in client.stream(streamed)]
+            return result, seqs
+        finally:
+            await client.close()
+
+    result, seqs = asyncio.run(scenario())
+    assert result.result["structuredContent"] == {"async": True}
+    assert seqs == [0, 1, 2]
