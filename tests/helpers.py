@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
 
+from config.settings import Settings
 from workers.contract import TASK_INVOKE, TOKEN_HEADER
+
+
+def settings_with(env: Mapping[str, str]) -> Settings:
+    """Settings as a worker started with ``env`` reads them: this process's ``SARK_*`` with ``env`` on top."""
+    merged = {**{k: v for k, v in os.environ.items() if k.startswith("SARK_")}, **env}
+    return Settings(**{k.removeprefix("SARK_").lower(): v for k, v in merged.items() if k.startswith("SARK_")})
 
 
 def send_invoke(

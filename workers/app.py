@@ -24,6 +24,7 @@ from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
 from workers.logs import configure_logging
+from workers.models import default_transport
 from workers.runtime import close_runtime, current_runtime, get_runtime
 
 __all__ = ["app", "create_app"]
@@ -65,9 +66,7 @@ class InvocationRouter:
             if transport is None:
                 registry = self._registry()
                 server = registry.get(str(invocation.get("server"))) if registry else None
-                transport = server.transport if server else "http"
-                if transport == "http" and invocation.get("stream"):
-                    transport = "sse"
+                transport = default_transport(server.transport if server else "http", bool(invocation.get("stream")))
             if transport == "sse":
                 return {"queue": self._settings.queue_sse}
             if transport == "stdio":

@@ -87,9 +87,6 @@ def _read_backend(pending: AsyncResult) -> tuple[bool, Any]:
     raise SarkError(f"{type(error).__name__}: {error}")
 
 
-_wait = wait_result
-
-
 class InvocationHandle:
     """One enqueued invocation: wait for its result, follow its stream, or cancel it."""
 
@@ -113,7 +110,7 @@ class InvocationHandle:
         Raises:
             SarkError: the invocation failed (its exact subclass), or no result within ``timeout``.
         """
-        return InvocationResult.model_validate(_wait(self._pending, timeout))
+        return InvocationResult.model_validate(wait_result(self._pending, timeout))
 
     def stream(self, *, after: str | None = None, block_ms: int = 5_000) -> Iterator[Chunk]:
         """Chunks from the start (or after the Redis entry id ``after``), until the stream ends."""
@@ -170,22 +167,22 @@ class SarkClient:
 
     def list_servers(self, user_id: str | None = None, timeout: float = 30) -> list[GatewayServerInfo]:
         """Servers the Gateway knows."""
-        data = _wait(self.app.send_task(TASK_LIST_SERVERS, kwargs={"user_id": user_id}), timeout)
+        data = wait_result(self.app.send_task(TASK_LIST_SERVERS, kwargs={"user_id": user_id}), timeout)
         return [GatewayServerInfo.model_validate(item) for item in data]
 
     def get_server(self, server_id: str, timeout: float = 30) -> GatewayServerInfo | None:
         """One Gateway server, or None."""
-        data = _wait(self.app.send_task(TASK_GET_SERVER, kwargs={"server_id": server_id}), timeout)
+        data = wait_result(self.app.send_task(TASK_GET_SERVER, kwargs={"server_id": server_id}), timeout)
         return GatewayServerInfo.model_validate(data) if data else None
 
     def list_tools(self, server: str | None = None, timeout: float = 30) -> list[GatewayToolInfo]:
         """Tools of one registry server, or every Gateway tool."""
-        data = _wait(self.app.send_task(TASK_LIST_TOOLS, kwargs={"server": server}), timeout)
+        data = wait_result(self.app.send_task(TASK_LIST_TOOLS, kwargs={"server": server}), timeout)
         return [GatewayToolInfo.model_validate(item) for item in data]
 
     def health(self, timeout: float = 30) -> dict[str, Any]:
         """A worker's view of the Gateway and its transports."""
-        data: dict[str, Any] = _wait(self.app.send_task(TASK_HEALTH), timeout)
+        data: dict[str, Any] = wait_result(self.app.send_task(TASK_HEALTH), timeout)
         return data
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from workers.models import (
     Invocation,
     InvocationResult,
     TransportName,
+    default_transport,
     describe_validation_error,
     json_size,
     parse_invocation,
@@ -41,8 +42,7 @@ def resolve(
     server = runtime_registry_get
     if server is None:
         raise UnknownServer(f"unknown server {invocation.server!r}", {"server": invocation.server})
-    default: TransportName = "sse" if invocation.stream and server.transport == "http" else server.transport
-    transport: TransportName = invocation.transport or default
+    transport: TransportName = invocation.transport or default_transport(server.transport, invocation.stream)
     gateway_pair = {"http", "sse"}
     compatible = transport == server.transport or (transport in gateway_pair and server.transport in gateway_pair)
     if not compatible:

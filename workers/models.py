@@ -22,6 +22,7 @@ __all__ = [
     "Invocation",
     "InvocationResult",
     "TransportName",
+    "default_transport",
     "describe_validation_error",
     "json_size",
     "parse_invocation",
@@ -110,6 +111,11 @@ class GatewayToolInfo(BaseModel):
     parameters: list[dict[str, Any]] = Field(default_factory=list)
     sensitive_params: list[str] = Field(default_factory=list)
     required_capabilities: list[str] = Field(default_factory=list)
+
+
+def default_transport(server_transport: TransportName, stream: bool) -> TransportName:
+    """The transport an invocation uses when it names none: its server's, but SSE for a streamed Gateway call."""
+    return "sse" if stream and server_transport == "http" else server_transport
 
 
 def describe_validation_error(exc: ValidationError) -> str:

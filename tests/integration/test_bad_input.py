@@ -6,7 +6,6 @@ included, with the operator's sealing key on), not in Flower's view of the event
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.helpers import invoke
+from tests.helpers import invoke, settings_with
 from workers.contract import TASK_GET_SERVER, TASK_INVOKE, TASK_LIST_TOOLS, TOKEN_HEADER
 from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc
 from workers.errors import (
@@ -127,16 +126,13 @@ def _scan_redis(url: str, needle: bytes) -> list[str]:
 def test_token_found_nowhere(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> None:
     from cryptography.fernet import Fernet
 
-    from config.settings import Settings
     from workers.client import SarkClient
 
     key = Fernet.generate_key().decode()
     queue = "sark.http.sealed"
     env = {"SARK_TOKEN_KEY": key, "SARK_QUEUE_HTTP": queue, "SARK_QUEUE_SSE": queue + ".sse"}
     proc = stack.worker("sealed", env=env, queues=f"{queue},{queue}.sse")
-    fields = {k.removeprefix("SARK_").lower(): v for k, v in os.environ.items() if k.startswith("SARK_")}
-    fields.update(token_key=key, queue_http=queue, queue_sse=queue + ".sse")
-    client = SarkClient(Settings(**fields))
+    client = SarkClient(settings_with(env))
     token = make_token(DEFAULT_JWT_SECRET, sub="canary-user-7f3a", teams=["users"])
     try:
         # queued while paused, so the sealed message sits in Redis when we scan

@@ -6,7 +6,6 @@ session's shared worker never takes their tasks. Figures are printed for the clo
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import GatewayControl
+from tests.helpers import settings_with
 from workers.client import wait_result
 from workers.contract import TASK_INVOKE, TOKEN_HEADER
 from workers.devstack import DevStack, Proc, start_redis, wait_for
@@ -36,14 +36,10 @@ FAST = {
 }
 
 
-def _client(queue: str, **env: str) -> Celery:
-    from config.settings import Settings
+def _client(env: dict[str, str]) -> Celery:
     from workers.app import create_app
 
-    fields = {k.removeprefix("SARK_").lower(): v for k, v in os.environ.items() if k.startswith("SARK_")}
-    fields.update({k.removeprefix("SARK_").lower(): v for k, v in {**FAST, **env}.items()})
-    fields["queue_http"] = queue
-    return create_app(Settings(**fields))
+    return create_app(settings_with(env))
 
 
 @dataclass
@@ -94,7 +90,7 @@ def test_worker_sigkill_under_load_is_redelivered(
     stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
 ) -> None:
     env = {**FAST, "SARK_QUEUE_HTTP": queue}
-    app = _client(queue)
+    app = _client(env)
     victim = stack.worker("victim", env=env, queues=queue, concurrency=4)
     pendings = [_send(app, queue, user_token, "sleep", {"seconds": 1.0}) for _ in range(12)]
     tally = Tally(sent=len(pendings))
@@ -121,7 +117,7 @@ def test_soft_shutdown_finishes_short_and_requeues_long(
     stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
 ) -> None:
     env = {**FAST, "SARK_QUEUE_HTTP": queue, "SARK_SHUTDOWN_GRACE": "1"}
-    app = _client(queue)
+    app = _client(env)
     first = stack.worker("soft", env=env, queues=queue, concurrency=4)
     short = _send(app, queue, user_token, "sleep", {"seconds": 0.3})
     long = _send(app, queue, user_token, "sleep", {"seconds": 2.2})
@@ -154,7 +150,7 @@ def test_redis_restart_under_load(
     url = private_redis.url
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     env = {**FAST, "SARK_QUEUE_HTTP": queue, "SARK_BROKER_URL": url, "SARK_REDIS_URL": url}
-    app = _client(queue, SARK_BROKER_URL=url, SARK_REDIS_URL=url)
+    app = _client(env)
     worker = stack.worker("redis-restart", env=env, queues=queue, concurrency=8)
     pendings = [_send(app, queue, user_token, "sleep", {"seconds": 0.05}) for _ in range(150)]
     tally = Tally(sent=len(pendings))

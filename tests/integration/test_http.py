@@ -9,7 +9,7 @@ import pytest
 from celery import Celery
 
 from tests.conftest import GatewayControl
-from tests.helpers import invoke, send_invoke
+from tests.helpers import invoke, send_invoke, settings_with
 from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 from workers.errors import (
     AuthorizationDenied,
@@ -242,20 +242,15 @@ def test_worker_survives_errors_and_serves_concurrently(celery_client: Celery, u
 
 
 # --- processes coming and going ---------------------------------------------------------------------
-def _private_client(queue: str, **env: str) -> Celery:
-    import os
-
-    from config.settings import Settings
+def _private_client(env: dict[str, str]) -> Celery:
     from workers.app import create_app
 
-    fields = {k.removeprefix("SARK_").lower(): v for k, v in os.environ.items() if k.startswith("SARK_")}
-    fields.update({"queue_http": queue, **{k.removeprefix("SARK_").lower(): v for k, v in env.items()}})
-    return create_app(Settings(**fields))
+    return create_app(settings_with(env))
 
 
 def test_worker_restarted_between_invocations(stack: DevStack, user_token: str) -> None:
     env = {"SARK_QUEUE_HTTP": "sark.http.restart"}
-    client = _private_client("sark.http.restart")
+    client = _private_client(env)
     first = stack.worker("restart-a", env=env, queues="sark.http.restart")
     assert invoke(client, "echo", "echo", {"call": 1}, token=user_token)["result"]["structuredContent"] == {"call": 1}
     assert first.stop() is not None
@@ -276,7 +271,7 @@ def test_gateway_down_gives_typed_error(stack: DevStack, user_token: str) -> Non
 
     dead = f"http://127.0.0.1:{free_port()}"
     env = {"SARK_QUEUE_HTTP": "sark.http.down", "SARK_GATEWAY_URL": dead}
-    client = _private_client("sark.http.down", SARK_GATEWAY_URL=dead)
+    client = _private_client(env)
     proc = stack.worker("gateway-down", env=env, queues="sark.http.down")
     try:
         with pytest.raises(GatewayUnavailable):
@@ -295,7 +290,7 @@ def test_path_prefix(stack: DevStack, user_token: str) -> None:
     gateway = start_gateway(stack.log_dir, stack.base_env(), prefix="/api/v1")
     env = {"SARK_QUEUE_HTTP": "sark.http.prefix", "SARK_GATEWAY_URL": gateway.url,
            "SARK_GATEWAY_PATH_PREFIX": "/api/v1"}
-    client = _private_client("sark.http.prefix")
+    client = _private_client(env)
     proc = stack.worker("prefix", env=env, queues="sark.http.prefix")
     try:
         assert invoke(client, "echo", "add", {"a": 1, "b": 1}, token=user_token)["result"]["structuredContent"] == {
