@@ -21,8 +21,11 @@ whose success closes the breaker and whose failure opens it again. Only errors w
 ``counts_as_failure`` is true count (transport failures, timeouts, 5xx); authorization denials,
 invalid invocations, 4xx and a tool's own ``isError`` count as successes (the target answered).
 
-**Cost.** One ``EVALSHA`` before the call; one after it, skipped when a closed breaker with no
-failures sees a success (the common case). No lock is held around the call itself.
+**Cost.** A closed breaker with no failures costs no round trip at all while this process's change
+feed is live (:mod:`workers.breaker_watch`: every change is published by the script that makes it,
+so the process forgets a remembered "closed" as soon as any worker records a failure). Otherwise
+one ``EVALSHA`` before the call; one after it, skipped when a closed breaker with no failures sees a
+success. No lock is held around the call itself.
 
 **Fallback.** When Redis cannot be reached the board logs it once and uses a per-process breaker
 (:class:`~workers.breaker_store.LocalStore`) for every target; it tries Redis again every
@@ -47,7 +50,9 @@ from redis.exceptions import RedisError
 from config.registry import BreakerOverrides, GatewayServer, Registry, StdioServer
 from config.settings import Settings
 from workers.breaker_store import BreakerStore, Decision, LocalStore, Outcome, RedisStore, State, Transition
+from workers.breaker_watch import BreakerWatch
 from workers.errors import CircuitOpen, InvalidInvocation, SarkError
+from workers.keys import breaker_key
 
 __all__ = [
     "BreakerBoard",
@@ -139,6 +144,7 @@ class CircuitBreaker:
 
     def __init__(self, name: str, config: BreakerOverrides, board: BreakerBoard) -> None:
         self.name = name
+        self.key = breaker_key(name)
         self.fail_max = config.fail_max
         self.reset_timeout = config.reset_timeout
         self.enabled = config.enabled
@@ -219,8 +225,11 @@ class BreakerBoard:
         enabled: bool = True,
         recheck: float = 2.0,
         listeners: Iterable[BreakerListener] = (),
+        watch: BreakerWatch | None = None,
     ) -> None:
         self.client = client
+        #: Remembers closed breakers between calls once :meth:`start` ran (None: always ask Redis).
+        self.watch = watch
         self.enabled = enabled
         self.listeners: list[BreakerListener] = [LogListener(), *listeners]
         self._redis = RedisStore(client)
@@ -240,10 +249,22 @@ class BreakerBoard:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
         )
-        return cls(registry, client, enabled=settings.breaker_enabled, recheck=settings.breaker_store_recheck)
+        # The change feed blocks on its socket: no socket timeout there; its health checks notice a dead link.
+        feed = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=timeout, socket_keepalive=True, health_check_interval=5
+        )
+        return cls(registry, client, enabled=settings.breaker_enabled, recheck=settings.breaker_store_recheck,
+                   watch=BreakerWatch(feed))
+
+    async def start(self) -> None:
+        """Start following the fleet's breaker changes (without it, every call asks Redis)."""
+        if self.watch is not None and self.enabled:
+            await self.watch.start()
 
     async def close(self) -> None:
-        """Close the board's Redis client."""
+        """Stop the change feed and close the board's Redis clients."""
+        if self.watch is not None:
+            await self.watch.close()
         await self.client.aclose()
 
     # --- breakers -----------------------------------------------------------------------------------
@@ -287,17 +308,27 @@ class BreakerBoard:
             log.warning("breaker store reachable again; breakers are shared", extra={"event": "breaker.store_healed"})
 
     async def acquire(self, cb: CircuitBreaker, lease: float) -> Decision:
-        """"May I call?" on Redis, or on the local store when Redis is unreachable."""
-        token = uuid.uuid4().hex
-        store = self._store()
-        if store is self._redis:
+        """"May I call?" from memory (a closed breaker), on Redis, or locally when Redis is unreachable."""
+        watch = self.watch
+        if self._store() is self._redis:
+            ticket = None
+            if watch is not None:
+                gen = watch.closed_gen(cb.key)
+                if gen is not None:
+                    return Decision(state="closed", allowed=True, retry_after=0.0, failures=0, gen=gen, token="")
+                ticket = watch.ticket(cb.key)
+            token = uuid.uuid4().hex
             try:
                 decision = await self._redis.acquire(cb.name, reset_timeout=cb.reset_timeout, token=token, lease=lease)
             except (RedisError, OSError) as exc:
                 self._lost(exc)
             else:
                 self._healed()
+                if watch is not None and ticket is not None:
+                    watch.remember(ticket, closed=decision.state == "closed", failures=decision.failures,
+                                   gen=decision.gen)
                 return decision
+        token = uuid.uuid4().hex
         return await self._local.acquire(cb.name, reset_timeout=cb.reset_timeout, token=token, lease=lease)
 
     async def record(self, cb: CircuitBreaker, decision: Decision, outcome: Outcome, error: str) -> Transition | None:

@@ -13,7 +13,10 @@ One Redis hash per target (:func:`workers.keys.breaker_key`) holds::
     trial         token of the caller holding the half-open trial; trial_until: its lease end (ms)
     opens, last_error, last_failure_at, changed_at, fail_max, reset_ms   (for operators)
 
-Every timestamp comes from Redis ``TIME`` inside the scripts, never from a worker's clock.
+Every timestamp comes from Redis ``TIME`` inside the scripts, never from a worker's clock. Every
+change of ``state``, ``failures`` or ``gen`` is published (the hash's key) on
+:func:`workers.keys.breaker_channel` by the script that makes it, so that processes remembering a
+closed breaker (:mod:`workers.breaker_watch`) forget it at once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
 
-from workers.keys import breaker_index_key, breaker_key
+from workers.keys import breaker_channel, breaker_index_key, breaker_key
 
 __all__ = [
     "BreakerStore",
@@ -59,6 +62,7 @@ if state == 'open' then
   end
   redis.call('HSET', KEYS[1], 'state', 'half-open', 'trial', ARGV[2], 'trial_until', now + lease_ms,
              'changed_at', now)
+  PUBLISH_CHANGE
   return {'half-open', 1, 0, failures, gen, 'open'}
 end
 local until_ms = tonumber(h[6] or '0')
@@ -91,12 +95,14 @@ if outcome == 'success' then
     if failures > 0 and gen == tonumber(ARGV[3]) then
       redis.call('HSET', KEYS[1], 'failures', 0)
       failures = 0
+      PUBLISH_CHANGE
     end
     return {state, failures, ''}
   end
   if state == 'half-open' and mine then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0, 'gen', gen + 1, 'changed_at', now)
     redis.call('HDEL', KEYS[1], 'trial', 'trial_until', 'opened_at')
+    PUBLISH_CHANGE
     return {'closed', 0, 'half-open'}
   end
   return {state, failures, ''}
@@ -111,6 +117,7 @@ if state == 'closed' then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'gen', gen)
   end
   failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+  PUBLISH_CHANGE
   if failures >= tonumber(ARGV[4]) then
     redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'changed_at', now)
     redis.call('HINCRBY', KEYS[1], 'opens', 1)
@@ -122,6 +129,7 @@ if state == 'half-open' and mine then
   redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'changed_at', now)
   redis.call('HDEL', KEYS[1], 'trial', 'trial_until')
   redis.call('HINCRBY', KEYS[1], 'opens', 1)
+  PUBLISH_CHANGE
   return {'open', failures, 'half-open'}
 end
 return {state, failures, ''}
@@ -136,6 +144,7 @@ local old = h[1] or 'closed'
 redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0, 'gen', tonumber(h[2] or '0') + 1, 'changed_at', now)
 redis.call('HDEL', KEYS[1], 'trial', 'trial_until', 'opened_at')
 redis.call('SADD', KEYS[2], ARGV[1])
+PUBLISH_CHANGE
 return {old}
 """
 
@@ -145,6 +154,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return {now, redis.call('HGETALL', KEYS[1])}
 """
+
+
+
+def _publishing(script: str) -> str:
+    """``script`` with each ``PUBLISH_CHANGE`` marker made a PUBLISH of the breaker's key."""
+    return script.replace("PUBLISH_CHANGE", f"redis.call('PUBLISH', '{breaker_channel()}', KEYS[1])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +242,9 @@ class RedisStore:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
-        self._acquire = client.register_script(_ACQUIRE)
-        self._record = client.register_script(_RECORD)
-        self._reset = client.register_script(_RESET)
+        self._acquire = client.register_script(_publishing(_ACQUIRE))
+        self._record = client.register_script(_publishing(_RECORD))
+        self._reset = client.register_script(_publishing(_RESET))
         self._read = client.register_script(_READ)
 
     async def acquire(self, target: str, *, reset_timeout: float, token: str, lease: float) -> Decision:

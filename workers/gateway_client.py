@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from http.cookiejar import Cookie, CookieJar
 from typing import Any, TypeVar
 
 import httpx
@@ -29,7 +30,7 @@ from workers.errors import (
 )
 from workers.models import GatewayServerInfo, GatewayToolInfo, describe_validation_error
 
-__all__ = ["GatewayClient"]
+__all__ = ["GatewayClient", "NoCookies"]
 
 log = logging.getLogger("sark.gateway_client")
 
@@ -53,6 +54,21 @@ def _error_field(body: bytes, field: str) -> str:
         if value is not None:
             return value if isinstance(value, str) else json.dumps(value)[:_SNIPPET]
     return _snippet(body)
+
+
+class NoCookies(CookieJar):
+    """A cookie jar that never keeps a cookie.
+
+    One pooled client carries every user's calls: a cookie the Gateway sets while answering one
+    user must never ride along with the next user's request. (It also skips the jar's work on
+    every response.)
+    """
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        """Ignore ``Set-Cookie``."""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        """Keep nothing."""
 
 
 def _is_retryable_discovery(exc: BaseException) -> bool:
@@ -89,6 +105,7 @@ class GatewayClient:
                 keepalive_expiry=settings.http_keepalive_expiry,
             ),
             transport=transport,
+            cookies=NoCookies(),
         )
 
     # --- plumbing -------------------------------------------------------------------------------

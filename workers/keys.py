@@ -12,6 +12,7 @@ __all__ = [
     "CANCEL_TTL",
     "PREFIX",
     "attempt_key",
+    "breaker_channel",
     "breaker_index_key",
     "breaker_key",
     "cancel_key",
@@ -39,6 +40,12 @@ def breaker_key(target: str) -> str:
 def breaker_index_key() -> str:
     """Set of every target that has breaker state (for listing and reset)."""
     return f"{PREFIX}:breakers"
+
+
+def breaker_channel() -> str:
+    """Pub/sub channel: the breaker scripts publish a breaker's key on every change of its state,
+    failure count or generation (no storage; see :mod:`workers.breaker_watch`)."""
+    return f"{PREFIX}:breaker-changes"
 
 
 def cancel_key(request_id: str) -> str:

@@ -33,10 +33,10 @@ class RedactingFilter(logging.Filter):
     """Redacts secrets in the formatted message of every record it sees."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
+        if not getattr(record, "_redacted", False):
+            # Formatted and redacted once; formatters then read the clean text as it is.
+            record.msg, record.args = redact(record.getMessage()), None
+            record._redacted = True
         return True
 
 
@@ -59,7 +59,7 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": redact(record.getMessage()),
+            "message": record.getMessage() if getattr(record, "_redacted", False) else redact(record.getMessage()),
             "process": record.process,
             "thread": record.threadName,
         }

@@ -54,6 +54,7 @@ class Runtime:
         )
         self.gateway = GatewayClient(self.settings)
         self.breakers = BreakerBoard.from_settings(self.settings, self.registry)
+        await self.breakers.start()
         self.transports = self._build_transports()
         for transport in self.transports.values():
             await transport.open()

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +17,14 @@ import redis.asyncio as aioredis
 from config.registry import BreakerOverrides, GatewayServer, Registry, StdioServer
 from workers.breaker import BreakerBoard, breaker_command, target_of
 from workers.breaker_store import Decision, LocalStore, RedisStore
-from workers.devstack import Proc, start_redis
+from workers.breaker_watch import BreakerWatch
+from workers.devstack import start_redis
 from workers.errors import AuthorizationDenied, CircuitOpen, GatewayUnavailable, InvalidInvocation, ToolError
 from workers.keys import breaker_key
 
 FLAKY = GatewayServer(name="flaky", transport="http", breaker=BreakerOverrides(fail_max=3, reset_timeout=0.3))
 REGISTRY = Registry(servers={"flaky": FLAKY})
 TARGET = "gateway:flaky"
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = start_redis(tmp_path_factory.mktemp("breaker-redis"))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture()
-def redis_url(redis_proc: Proc) -> str:
-    client = redis.Redis.from_url(redis_proc.url)
-    client.flushdb()
-    client.close()
-    return redis_proc.url
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -48,12 +34,14 @@ def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(main())
 
 
-def board_for(url: str, **kwargs: Any) -> BreakerBoard:
+def board_for(url: str, *, watch: bool = False, **kwargs: Any) -> BreakerBoard:
+    """A board as a worker has it; ``watch``: with the change feed (call ``await board.start()``)."""
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1))
-    return BreakerBoard(REGISTRY, client, **kwargs)
+    feed = BreakerWatch(aioredis.Redis.from_url(url, socket_connect_timeout=0.5), poll=0.1) if watch else None
+    return BreakerBoard(REGISTRY, client, watch=feed, **kwargs)
 
 
 async def ok() -> str:
@@ -71,9 +59,11 @@ def test_target_naming() -> None:
     assert target_of(stdio) == "stdio:time"
 
 
-def test_full_cycle_and_error_classes(redis_url: str) -> None:
+@pytest.mark.parametrize("watch", [False, True], ids=["ask-redis", "change-feed"])
+def test_full_cycle_and_error_classes(redis_url: str, watch: bool) -> None:
     async def scenario() -> None:
-        board = board_for(redis_url)
+        board = board_for(redis_url, watch=watch)
+        await board.start()
         cb = board.breaker(TARGET)
         changes: list[tuple[str | None, str]] = []
 
@@ -202,14 +192,17 @@ def test_cli_list_and_reset(redis_url: str, tmp_path: Path, monkeypatch: pytest.
         get_settings.cache_clear()
 
 
-def test_fallback_to_local_and_healing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("watch", [False, True], ids=["ask-redis", "change-feed"])
+def test_fallback_to_local_and_healing(tmp_path: Path, caplog: pytest.LogCaptureFixture, watch: bool) -> None:
     proc = start_redis(tmp_path / "r1")
     port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
 
     async def scenario() -> None:
-        board = board_for(proc.url, recheck=0.2)
+        board = board_for(proc.url, recheck=0.2, watch=watch)
+        await board.start()
         cb = board.breaker(TARGET)
         assert await cb.call(ok, lease=5) == "ok"
+        assert await cb.call(ok, lease=5) == "ok"  # with the feed: remembered closed
         proc.stop()
         with caplog.at_level(logging.WARNING, logger="sark.breaker"):
             started = time.perf_counter()
