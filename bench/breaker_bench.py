@@ -3,8 +3,9 @@
 Run: ``.venv/bin/python -m bench.breaker_bench [--n 2000] [--e2e 300]``. Starts its own Redis, Gateway
 and two workers (breaker on / ``SARK_BREAKER_ENABLED=false``), and measures, interleaved:
 
-* in process: ``HttpTransport.invoke`` bare vs. guarded by the breaker (closed, no failures: one
-  EVALSHA), vs. guarded with a failure on record (two EVALSHAs), and the guard around a no-op;
+* in process: ``HttpTransport.invoke`` bare vs. guarded by the breaker as a worker has it (closed, no
+  failures, change feed live: no round trip), vs. guarded without the change feed (one EVALSHA),
+  vs. guarded with a failure on record (two EVALSHAs), and the guard around a no-op;
 * end to end: ``sark.invoke`` round trip through Celery on the breaker-on vs breaker-off worker.
 """
 
@@ -36,6 +37,8 @@ async def _in_process(redis_url: str, n: int) -> dict[str, dict[str, float]]:
     settings = Settings()
     server = GatewayServer(name="echo", transport="http")
     board = BreakerBoard.from_settings(settings, Registry(servers={"echo": server}))
+    await board.start()  # as a worker's runtime does: the change feed is live
+    asking = BreakerBoard.from_settings(settings, Registry(servers={"echo": server}))  # never started: no feed
     sick = board.breaker("bench:sick")  # same peer; every call there counts as a failure (never opens)
     sick.fail_max = 10**9
     gateway = GatewayClient(settings)
@@ -58,9 +61,13 @@ async def _in_process(redis_url: str, n: int) -> dict[str, dict[str, float]]:
 
     cases: dict[str, Callable[[], Awaitable[Any]]] = {
         "invoke, breaker off": lambda: transport.invoke(call),
-        "invoke, breaker on (closed, 1 EVALSHA)": lambda: board.call(server, lambda: transport.invoke(call), lease=30),
+        "invoke, breaker on (closed, feed live: 0 EVALSHA)":
+            lambda: board.call(server, lambda: transport.invoke(call), lease=30),
+        "invoke, breaker on (closed, no feed: 1 EVALSHA)":
+            lambda: asking.call(server, lambda: transport.invoke(call), lease=30),
         "invoke, breaker on (failure recorded, 2 EVALSHA)": sick_call,
-        "guard around a no-op (1 EVALSHA)": lambda: board.call(server, noop, lease=30),
+        "guard around a no-op (closed, feed live)": lambda: board.call(server, noop, lease=30),
+        "guard around a no-op (closed, no feed: 1 EVALSHA)": lambda: asking.call(server, noop, lease=30),
     }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(n + 50):
@@ -71,6 +78,7 @@ async def _in_process(redis_url: str, n: int) -> dict[str, dict[str, float]]:
                 samples[name].append((time.perf_counter() - started) * 1000)
     await gateway.close()
     await board.close()
+    await asking.close()
     return {name: percentiles(values) for name, values in samples.items()}
 
 
@@ -112,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def added(on: str, off: str) -> str:
         a, b = results[on], results[off]
-        return f"+{a['p50'] - b['p50']:.3f} ms p50, +{a['p95'] - b['p95']:.3f} ms p95"
+        return f"{a['p50'] - b['p50']:+.3f} ms p50, {a['p95'] - b['p95']:+.3f} ms p95"
 
     width = max(len(k) for k in results)
     for name, p in results.items():
         print(f"{name:{width}}  p50 {p['p50']:7.3f}  p95 {p['p95']:7.3f}  p99 {p['p99']:7.3f}  (ms, n={p['n']})")
     summary = {
-        "in process, closed": added("invoke, breaker on (closed, 1 EVALSHA)", "invoke, breaker off"),
+        "in process, closed": added("invoke, breaker on (closed, feed live: 0 EVALSHA)", "invoke, breaker off"),
+        "in process, closed without the feed": added("invoke, breaker on (closed, no feed: 1 EVALSHA)",
+                                                     "invoke, breaker off"),
         "in process, failure recorded": added("invoke, breaker on (failure recorded, 2 EVALSHA)",
                                                "invoke, breaker off"),
         "end to end": added("sark.invoke round trip, breaker on", "sark.invoke round trip, breaker off"),

@@ -1,26 +1,39 @@
-"""stdio transport through the queue: cold start vs warm calls, beside a bare Celery no-op, in one run.
+"""stdio transport through the queue: cold start vs warm calls, beside their floors, in one run.
 
 ``python -m bench.stdio_bench [--n 300] [--cold 5]``: starts Redis, a sark worker (sark.stdio queue)
 and a bare-Celery worker (:mod:`bench.bare_app`) with :mod:`workers.devstack`, then measures
 
 * cold start: the first ``sark.invoke`` of ``mcp-server-time`` on a fresh server entry (process
-  start + launcher + MCP handshake + tools/list + the call), ``--cold`` times on distinct entries;
+  start + launcher + MCP handshake + tools/list + the call), ``--cold`` times on distinct entries,
+  each beside the SDK alone doing the same (``mcp.Client`` start + handshake + first call);
 * warm: ``--n`` sequential ``time.get_current_time`` invocations on the kept session;
-* the floor: ``--n`` bare ``no-op`` round trips;
+* the floor: ``--n`` bare ``no-op`` round trips, and ``--n`` direct warm ``call_tool`` of the same
+  tool on an ``mcp.Client`` session held by this process (no Celery, no sark); the warm figure is
+  compared with their sum (what a bare Celery task holding a warm session could at best achieve).
 
-and writes ``bench/results/stdio.json``.
+The three kinds of call are interleaved (no-op, direct, sark, in rotating order), so that the
+machine's drift hits the figure and its floor alike, and each starts after ``--gap`` ms of quiet, so
+that none pays for the trailing work (events, acks) of the call before it. Writes ``bench/results/stdio.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from bench.common import latency, percentiles, save, table
+from bench.common import percentiles, save, table
 from workers.devstack import DevStack
+from workers.loop import EventLoopThread
+
+ARGUMENTS = {"timezone": "Europe/Paris"}
 
 
 def _registry(path: Path, cold: int) -> Path:
@@ -33,11 +46,89 @@ def _registry(path: Path, cold: int) -> Path:
     return path
 
 
+def server_binary() -> str:
+    """``mcp-server-time`` beside this interpreter (the project's venv), else on PATH."""
+    beside = Path(sys.executable).with_name("mcp-server-time")
+    found = str(beside) if beside.exists() else shutil.which("mcp-server-time")
+    if not found:
+        raise FileNotFoundError("mcp-server-time is not installed (pip install -e '.[dev]')")
+    return found
+
+
+class DirectSession:
+    """The SDK alone: one warm ``mcp.Client`` session of ``mcp-server-time`` on a loop of its own."""
+
+    def __init__(self) -> None:
+        from mcp.client.stdio import StdioServerParameters
+
+        self.params = StdioServerParameters(command=server_binary(), args=["--local-timezone", "UTC"])
+        self._loop = EventLoopThread("bench-direct")
+        self._ready = threading.Event()
+        self._client: Any = None
+        self._stop: asyncio.Event | None = None
+        self._owner = self._loop.submit(self._own())  # anyio: one task enters and leaves the session
+        if not self._ready.wait(60):
+            raise TimeoutError("direct mcp session did not start")
+
+    async def _own(self) -> None:
+        from mcp import Client
+
+        self._stop = asyncio.Event()
+        async with Client(self.params) as client:
+            self._client = client
+            self._ready.set()
+            await self._stop.wait()
+
+    async def _call(self, client: Any) -> float:
+        started = time.perf_counter()
+        result = await client.call_tool("get_current_time", ARGUMENTS)
+        if result.is_error:
+            raise RuntimeError(f"direct call failed: {result}")
+        return (time.perf_counter() - started) * 1000
+
+    def warm_ms(self) -> float:
+        """One warm ``call_tool`` on the kept session, in ms, timed on the session's loop (no thread hop)."""
+        return self._loop.run(self._call(self._client), timeout=30)
+
+    def cold_ms(self) -> float:
+        """A new session (process start + handshake) and its first call, in ms (closing not counted)."""
+        from mcp import Client
+
+        async def cold() -> float:
+            started = time.perf_counter()
+            async with Client(self.params) as client:
+                await self._call(client)
+                return (time.perf_counter() - started) * 1000
+
+        return self._loop.run(cold(), timeout=60)
+
+    def close(self) -> None:
+        """Close the session and stop the loop."""
+        if self._stop is not None:
+            self._loop.loop.call_soon_threadsafe(self._stop.set)
+        self._owner.result(30)
+        self._loop.stop()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn()`` in ms."""
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def combined(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Percentile-wise sum of two floors (p50+p50, p95+p95, …): the floor of doing both in a row."""
+    return {k: round(a[k] + b[k], 3) for k in ("p50", "p95", "p99", "mean")} | {"n": min(a["n"], b["n"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print the table; write bench/results/stdio.json."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=300, help="sequential calls per latency figure")
     parser.add_argument("--cold", type=int, default=5, help="cold starts to measure")
+    parser.add_argument("--warmup", type=int, default=20, help="unmeasured rounds first")
+    parser.add_argument("--gap", type=float, default=5.0, help="ms of quiet before each measured call")
     parser.add_argument("--concurrency", type=int, default=4, help="threads per worker (both apps)")
     args = parser.parse_args(argv)
 
@@ -57,28 +148,53 @@ def main(argv: list[str] | None = None) -> int:
         sark = create_app(Settings())
 
         def send_time(server: str):  # type: ignore[no-untyped-def]
-            invocation = {"server": server, "tool": "get_current_time", "arguments": {"timezone": "Europe/Paris"}}
+            invocation = {"server": server, "tool": "get_current_time", "arguments": ARGUMENTS}
             return sark.send_task(TASK_INVOKE, kwargs={"invocation": invocation})
 
         def send_noop():  # type: ignore[no-untyped-def]
             return bare.noop.apply_async()
 
-        cold_ms = []
-        for i in range(1, args.cold + 1):
-            started = time.perf_counter()
-            send_time(f"time-{i}").get(timeout=60)
-            cold_ms.append((time.perf_counter() - started) * 1000)
-        cold = percentiles(cold_ms)
-        noop = latency(send_noop, args.n)
-        warm = latency(lambda: send_time("time-0"), args.n)
+        direct = DirectSession()
+        try:
+            cold_ms, direct_cold_ms = [], []
+            for i in range(1, args.cold + 1):
+                cold_ms.append(timed(lambda i=i: send_time(f"time-{i}").get(timeout=60)))  # type: ignore[misc]
+                direct_cold_ms.append(direct.cold_ms())
+            # For reference only: the SDK back to back, on a machine kept busy by nothing else.
+            back_to_back = percentiles([direct.warm_ms() for _ in range(args.warmup + args.n)][args.warmup:])
+            kinds: dict[str, Callable[[], float]] = {
+                "noop": lambda: timed(lambda: send_noop().get(timeout=30)),
+                "direct": direct.warm_ms,
+                "sark": lambda: timed(lambda: send_time("time-0").get(timeout=30)),
+            }
+            samples: dict[str, list[float]] = {name: [] for name in kinds}
+            order = list(kinds)
+            for i in range(args.warmup + args.n):
+                for name in order[i % 3:] + order[:i % 3]:  # rotate who goes first
+                    time.sleep(args.gap / 1000)  # let the previous call's trailing work (events, acks) finish
+                    took = kinds[name]()
+                    if i >= args.warmup:
+                        samples[name].append(took)
+        finally:
+            direct.close()
+    cold, direct_cold = percentiles(cold_ms), percentiles(direct_cold_ms)
+    noop, warm, direct_warm = (percentiles(samples[k]) for k in ("noop", "sark", "direct"))
+    floor = combined(noop, direct_warm)
 
     print(table([
         ("bare Celery no-op round trip (ms)", noop, noop),
-        ("stdio warm time.get_current_time (ms)", warm, noop),
-        ("stdio cold start + first call (ms)", cold, noop),
+        ("direct warm mcp call_tool, SDK only (ms)", direct_warm, direct_warm),
+        ("stdio warm vs no-op + direct warm call (ms)", warm, floor),
+        ("stdio cold start + first call vs SDK's (ms)", cold, direct_cold),
     ]))
+    print(f"(reference: direct warm call_tool back to back, nothing interleaved: p50 {back_to_back['p50']:.2f} "
+          f"p95 {back_to_back['p95']:.2f} ms)")
     path = save("stdio", {"cold_ms": cold, "cold_samples_ms": [round(v, 1) for v in cold_ms], "warm_ms": warm,
-                          "noop_ms": noop, "n": args.n, "python": sys.version.split()[0]})
+                          "direct_cold_ms": direct_cold, "direct_back_to_back_ms": back_to_back,
+                          "gap_ms": args.gap, "noop_ms": noop, "direct_warm_ms": direct_warm,
+                          "floor_ms": floor,
+                          "p95_ratio": round(warm["p95"] / floor["p95"], 2), "n": args.n,
+                          "python": sys.version.split()[0]})
     print(f"saved {path}")
     return 0
 
