@@ -1,5 +1,8 @@
 """HTTP invocation round trip and throughput vs the bare-Celery floor, measured in one run.
 
+Round trips of the three kinds (bare no-op, bare task + httpx POST, ``sark.invoke``) are interleaved
+call by call; throughput rounds of the bare POST and ``sark.invoke`` alternate (median round kept).
+
 Run: ``.venv/bin/python -m bench.bench_http [--n 300]``. Starts its own Redis, Gateway and workers.
 """
 
@@ -8,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.common import latency, ratio, save, table, throughput
+from bench.common import alternating_throughput, interleaved, ratio, save, table, throughput
 from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
 
 
@@ -18,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=300, help="sequential calls per latency figure")
     parser.add_argument("--tn", type=int, default=1000, help="calls per throughput figure")
     parser.add_argument("--concurrency", type=int, default=8, help="threads per worker (both apps)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds (median kept)")
     args = parser.parse_args(argv)
 
     from config.settings import Settings
@@ -49,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         def send_invoke():  # type: ignore[no-untyped-def]
             return sark.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers={TOKEN_HEADER: token})
 
-        noop = latency(send_noop, args.n)
-        post = latency(send_post, args.n)
-        invoke = latency(send_invoke, args.n)
-        tp_post = throughput(send_post, args.tn)
-        tp_invoke = throughput(send_invoke, args.tn)
+        for send in (send_noop, send_post, send_invoke):
+            throughput(send, 200)  # warm every pool and connection first
+        lat = interleaved({"noop": send_noop, "post": send_post, "invoke": send_invoke}, args.n)
+        noop, post, invoke = lat["noop"], lat["post"], lat["invoke"]
+        rates = alternating_throughput({"post": send_post, "invoke": send_invoke}, args.tn, rounds=args.rounds)
+        tp_post, tp_invoke = rates["post"], rates["invoke"]
         tp_noop = throughput(send_noop, args.tn)
 
     print(table([

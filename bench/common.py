@@ -26,16 +26,35 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "n": len(ordered)}
 
 
-def latency(send: Callable[[], AsyncResult], n: int, warmup: int = 20, timeout: float = 30) -> dict[str, float]:
-    """Round trip (send → result) of ``n`` calls, one at a time."""
-    for _ in range(warmup):
-        send().get(timeout=timeout)
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter()
-        send().get(timeout=timeout)
-        samples.append((time.perf_counter() - started) * 1000)
-    return percentiles(samples)
+def interleaved(
+    sends: dict[str, Callable[[], AsyncResult]], n: int, warmup: int = 20, timeout: float = 30
+) -> dict[str, dict[str, float]]:
+    """Round trips of several kinds of call, one at a time, interleaved in rotating order.
+
+    Each round sends one call of every kind, the first kind changing from round to round, so that
+    the machine's drift (this one is noisy) hits every figure alike. Returns percentiles per kind.
+    """
+    names = list(sends)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + n):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            sends[name]().get(timeout=timeout)
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - started) * 1000)
+    return {name: percentiles(values) for name, values in samples.items()}
+
+
+def alternating_throughput(
+    sends: dict[str, Callable[[], AsyncResult]], n: int, rounds: int = 3, in_flight: int = 32
+) -> dict[str, float]:
+    """Calls per second of each kind, measured in alternating rounds of ``n``; the median round per kind."""
+    rates: dict[str, list[float]] = {name: [] for name in sends}
+    for i in range(rounds):
+        for name in sends if i % 2 == 0 else reversed(list(sends)):
+            rates[name].append(throughput(sends[name], n, in_flight=in_flight))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def throughput(send: Callable[[], AsyncResult], n: int, in_flight: int = 32, timeout: float = 60) -> float:

@@ -19,6 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from config.settings import Settings
 from workers import __version__
+from workers.asyncio_backend import asyncio_transport
 from workers.errors import (
     AuthorizationDenied,
     GatewayUnavailable,
@@ -95,16 +96,17 @@ class GatewayClient:
         if settings.gateway_api_key is not None:
             headers["X-API-Key"] = settings.gateway_api_key.get_secret_value()
         base_url = settings.gateway_url.rstrip("/") + "/" + settings.gateway_path_prefix.strip("/")
+        limits = httpx.Limits(
+            max_connections=settings.http_max_connections,
+            max_keepalive_connections=settings.http_max_keepalive,
+            keepalive_expiry=settings.http_keepalive_expiry,
+        )
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(settings.gateway_timeout),
-            limits=httpx.Limits(
-                max_connections=settings.http_max_connections,
-                max_keepalive_connections=settings.http_max_keepalive,
-                keepalive_expiry=settings.http_keepalive_expiry,
-            ),
-            transport=transport,
+            limits=limits,
+            transport=transport or asyncio_transport(limits=limits),
             cookies=NoCookies(),
         )
 
