@@ -24,7 +24,7 @@ import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
-__all__ = ["AsyncioBackend", "AsyncioStream", "asyncio_transport"]
+__all__ = ["AsyncioBackend", "AsyncioStream", "asyncio_pool", "asyncio_transport", "transport_on"]
 
 _SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
@@ -158,15 +158,9 @@ class AsyncioBackend(AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def asyncio_transport(*, limits: httpx.Limits, verify: ssl.SSLContext | str | bool = True) -> httpx.AsyncHTTPTransport:
-    """httpx's own HTTP/1.1 transport, with its connection pool on :class:`AsyncioBackend`.
-
-    httpx does all of HTTP around the pool; the pool is httpcore's own, built with the same limits and
-    TLS context as httpx builds it, plus httpcore's public ``network_backend`` argument. (httpx 0.28
-    keeps its pool in ``_pool``; the version is pinned in pyproject.toml and a test guards this.)
-    """
-    transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify)
-    transport._pool = httpcore.AsyncConnectionPool(
+def asyncio_pool(*, limits: httpx.Limits, verify: ssl.SSLContext | str | bool = True) -> httpcore.AsyncConnectionPool:
+    """An httpcore HTTP/1.1 connection pool on :class:`AsyncioBackend`, with httpx's limits and TLS context."""
+    return httpcore.AsyncConnectionPool(
         ssl_context=httpx.create_ssl_context(verify=verify),
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
@@ -175,4 +169,19 @@ def asyncio_transport(*, limits: httpx.Limits, verify: ssl.SSLContext | str | bo
         http2=False,
         network_backend=AsyncioBackend(),
     )
+
+
+def transport_on(pool: httpcore.AsyncConnectionPool) -> httpx.AsyncHTTPTransport:
+    """httpx's own transport (request/response mapping, error mapping) over ``pool``.
+
+    httpx 0.28 keeps its pool in ``_pool`` and has no argument for a network backend; the version is
+    pinned in pyproject.toml and a test guards this.
+    """
+    transport = httpx.AsyncHTTPTransport()
+    transport._pool = pool
     return transport
+
+
+def asyncio_transport(*, limits: httpx.Limits, verify: ssl.SSLContext | str | bool = True) -> httpx.AsyncHTTPTransport:
+    """httpx's transport on a fresh :func:`asyncio_pool`."""
+    return transport_on(asyncio_pool(limits=limits, verify=verify))

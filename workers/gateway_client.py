@@ -19,7 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from config.settings import Settings
 from workers import __version__
-from workers.asyncio_backend import asyncio_transport
+from workers.asyncio_backend import asyncio_pool, transport_on
 from workers.errors import (
     AuthorizationDenied,
     GatewayUnavailable,
@@ -29,6 +29,7 @@ from workers.errors import (
     SarkError,
     ToolError,
 )
+from workers.json_post import JsonPost
 from workers.models import GatewayServerInfo, GatewayToolInfo, describe_validation_error
 
 __all__ = ["GatewayClient", "NoCookies"]
@@ -87,10 +88,13 @@ class GatewayClient:
 
     Args:
         settings: URL, key, prefix, pool limits, timeouts and retry policy.
-        transport: optional httpx transport (tests of the client alone).
+
+    One connection pool (:func:`~workers.asyncio_backend.asyncio_pool`) serves both the
+    ``httpx.AsyncClient`` (discovery, health, SSE) and the invocation hot path
+    (:class:`~workers.json_post.JsonPost`), so the pool limits bound all of them together.
     """
 
-    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
         headers = {"Content-Type": "application/json", "User-Agent": f"sark-workers/{__version__}"}
         if settings.gateway_api_key is not None:
@@ -101,14 +105,17 @@ class GatewayClient:
             max_keepalive_connections=settings.http_max_keepalive,
             keepalive_expiry=settings.http_keepalive_expiry,
         )
+        pool = asyncio_pool(limits=limits)
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(settings.gateway_timeout),
             limits=limits,
-            transport=transport or asyncio_transport(limits=limits),
+            transport=transport_on(pool),
             cookies=NoCookies(),
         )
+        self._post = JsonPost(pool, base_url.rstrip("/"), headers={k: v for k, v in headers.items()
+                                                                    if k != "Content-Type"})
 
     # --- plumbing -------------------------------------------------------------------------------
     async def _request(
@@ -167,8 +174,7 @@ class GatewayClient:
             raise ProtocolError(f"Gateway answered {what} with non-JSON body: {_snippet(body)!r}") from None
 
     @staticmethod
-    def _raise_for_status(response: httpx.Response, body: bytes, what: str) -> None:
-        status = response.status_code
+    def _raise_for_status(status: int, body: bytes, what: str) -> None:
         if status == 403:
             raise AuthorizationDenied(f"Authorization denied: {_error_field(body, 'reason')}", {"status_code": 403})
         if status >= 400:
@@ -202,7 +208,7 @@ class GatewayClient:
         async def call() -> list[GatewayServerInfo]:
             params = {"user_id": user_id} if user_id else {}
             response, body = await self._request("GET", "/servers", params=params)
-            self._raise_for_status(response, body, "list_servers")
+            self._raise_for_status(response.status_code, body, "list_servers")
             data = self._json(body, "list_servers")
             return self._models(GatewayServerInfo, (data or {}).get("servers", []), "list_servers")
 
@@ -216,7 +222,7 @@ class GatewayClient:
             response, body = await self._request("GET", f"/servers/{server_id}")
             if response.status_code == 404:
                 return None
-            self._raise_for_status(response, body, "get_server_info")
+            self._raise_for_status(response.status_code, body, "get_server_info")
             return self._models(GatewayServerInfo, [self._json(body, "get_server_info")], "get_server_info")[0]
 
         result: GatewayServerInfo | None = await self._discover(call)
@@ -230,7 +236,7 @@ class GatewayClient:
         async def call() -> list[GatewayToolInfo]:
             params = {k: v for k, v in (("server_id", server_id), ("server_name", server_name)) if v}
             response, body = await self._request("GET", "/tools", params=params)
-            self._raise_for_status(response, body, "list_tools")
+            self._raise_for_status(response.status_code, body, "list_tools")
             data = self._json(body, "list_tools")
             return self._models(GatewayToolInfo, (data or {}).get("tools", []), "list_tools")
 
@@ -263,10 +269,8 @@ class GatewayClient:
         s = self._settings
 
         async def call() -> dict[str, Any]:
-            response, body = await self._request(
-                "POST", "/invoke", json=payload, headers=headers, timeout=timeout, max_bytes=max_bytes
-            )
-            self._raise_for_status(response, body, "Tool execution")
+            status, body = await self._post.post("/invoke", payload, headers, timeout=timeout, max_bytes=max_bytes)
+            self._raise_for_status(status, body, "Tool execution")
             data = self._json(body, "invoke")
             if not isinstance(data, dict):
                 raise ProtocolError(f"Gateway answered invoke with {type(data).__name__}, expected an object")

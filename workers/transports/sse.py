@@ -195,7 +195,7 @@ class SseTransport:
             response = source.response
             if response.status_code >= 400:
                 body = await response.aread()
-                GatewayClient._raise_for_status(response, body, "Tool execution")
+                GatewayClient._raise_for_status(response.status_code, body, "Tool execution")
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 # A Gateway that does not stream answers with the whole result at once.
                 state.result = await self._json_answer(response)
