@@ -22,6 +22,70 @@ def _load(name: str) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+Row = dict[str, Any]
+
+
+def _row(what: str, measured: str, floor: str, value: float, target: str, met: bool | None) -> Row:
+    return {"what": what, "measured": measured, "floor": floor, "value": value, "target": target, "met": met}
+
+
+def targets(results: dict[str, Any]) -> list[Row]:
+    """Every figure of the issue's target list, beside its floor from the same run, with the verdict."""
+    rows: list[Row] = []
+    http, stdio, stream = results.get("http"), results.get("stdio"), results.get("stream_bench")
+    breaker, scaling = results.get("breaker"), results.get("scaling")
+    if http:
+        inv, post = http["invoke_ms"], http["bare_post_ms"]
+        r = round(inv["p95"] / post["p95"], 2)
+        rows.append(_row("HTTP round trip p95 (ms)", f"{inv['p95']:.2f} (p50 {inv['p50']:.2f}, p99 {inv['p99']:.2f})",
+                         f"{post['p95']:.2f} bare task + httpx POST", r, "<= 1.25x", r <= 1.25))
+        r = round(http["throughput_invoke"] / http["throughput_bare_post"], 2)
+        rows.append(_row("HTTP throughput (/s)", f"{http['throughput_invoke']:.1f}",
+                         f"{http['throughput_bare_post']:.1f} bare task + httpx POST", r, ">= 0.8x", r >= 0.8))
+    if stdio:
+        warm, floor = stdio["warm_ms"], stdio["floor_ms"]
+        r = round(warm["p95"] / floor["p95"], 2)
+        rows.append(_row("stdio warm call p95 (ms)", f"{warm['p95']:.2f} (p50 {warm['p50']:.2f})",
+                         f"{floor['p95']:.2f} no-op + direct warm SDK call", r, "<= 1.25x", r <= 1.25))
+        cold, direct = stdio["cold_ms"], stdio["direct_cold_ms"]
+        rows.append(_row("stdio cold start + first call p50 (ms)", f"{cold['p50']:.0f}",
+                         f"{direct['p50']:.0f} SDK start + first call", round(cold["p50"] / direct["p50"], 2),
+                         "once/process", None))
+    if stream:
+        over = stream["p95_over_raw_ms"]
+        rows.append(_row("chunk latency p95 (ms)", f"{stream['sark_paced']['latency_ms']['p95']:.3f}",
+                         f"{stream['raw_xadd_xread_paced']['p95']:.3f} raw XADD -> XREAD", over, "<= +2 ms",
+                         over <= 2.0))
+        rows.append(_row("chunks/s, burst", f"{stream['sark_burst']['chunks_per_s_end_to_end']:.0f}",
+                         f"{stream['raw_xadd_rate_unpipelined_per_s']:.0f} raw XADD one at a time",
+                         round(stream["sark_burst"]["chunks_per_s_end_to_end"]
+                               / stream["raw_xadd_rate_unpipelined_per_s"], 2), "", None))
+    if breaker:
+        cases = breaker["cases"]
+        on, off = cases["invoke, breaker on (closed, feed live: 0 EVALSHA)"], cases["invoke, breaker off"]
+        added = round(on["p95"] - off["p95"], 3)
+        rows.append(_row("breaker on vs off, p95 (ms)", f"{on['p95']:.3f}", f"{off['p95']:.3f} breaker off",
+                         added, "<= +0.3 ms", added <= 0.3))
+    if scaling:
+        r = scaling["scaling_ratio"]
+        rows.append(_row("50 ms tool, 2 workers vs 1 (/s)", f"{scaling['two_workers_per_s']:.1f}",
+                         f"{scaling['one_worker_per_s']:.1f} one worker", r, ">= 1.7x", r >= 1.7))
+        peak = scaling["in_flight_peak"]
+        rows.append(_row("in flight in one worker process", f"{peak}",
+                         f"RSS {scaling['idle_rss_mb']} -> {scaling['busy_rss_mb']} MiB", peak, ">= 500", peak >= 500))
+    return rows
+
+
+def format_targets(rows: list[Row]) -> str:
+    """The target table as text."""
+    lines = [f"{'figure':40} {'measured':>26} {'floor (same run)':>40} {'ratio/diff':>10} {'target':>12}  met"]
+    for row in rows:
+        met = {True: "yes", False: "NO", None: "-"}[row["met"]]
+        lines.append(f"{row['what']:40} {row['measured']:>26} {row['floor']:>40} {row['value']:>10} "
+                     f"{row['target']:>12}  {met}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every part in turn, then print and save the summary."""
     started = time.perf_counter()
@@ -33,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:  # one broken part must not hide the others' figures
             failed.append(f"{part}: exit {done.returncode}")
             print(f"!! {part} failed (exit {done.returncode})", flush=True)
-    summary = {name: _load(name) for name in ("http", "stdio", "stream_bench", "breaker", "scaling")}
+    summary: dict[str, Any] = {name: _load(name) for name in ("http", "stdio", "stream_bench", "breaker", "scaling")}
+    summary["targets"] = targets(summary)
+    print("\n" + format_targets(summary["targets"]))
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(exist_ok=True)
