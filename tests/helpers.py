@@ -1,9 +1,13 @@
-"""Small helpers shared by the integration tests."""
+"""Small helpers shared by the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import ssl
+import threading
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from celery import Celery
@@ -11,6 +15,22 @@ from celery.result import AsyncResult
 
 from config.settings import Settings
 from workers.contract import TASK_INVOKE, TOKEN_HEADER
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler], ssl_context: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A real HTTP(S) server on a free loopback port, serving ``handler`` in threads; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.handle_error = lambda request, address: None  # type: ignore[method-assign]  # clients hanging up early
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def settings_with(env: Mapping[str, str]) -> Settings:

@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from config.settings import Settings
+from tests.helpers import http_server
 from workers.asyncio_backend import AsyncioBackend, asyncio_transport
 from workers.devstack import free_port
 from workers.errors import GatewayUnavailable, InvocationTimeout
@@ -53,21 +54,10 @@ class _Echo(BaseHTTPRequestHandler):
         """Quiet."""
 
 
-def _serve(handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext | None = None) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    if context is not None:
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    scheme = "https" if context else "http"
-    yield f"{scheme}://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture()
 def echo_url() -> Iterator[str]:
-    yield from _serve(_Echo)
+    with http_server(_Echo) as url:
+        yield url
 
 
 def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -140,19 +130,14 @@ def test_connection_the_server_dropped_while_idle_is_not_reused(echo_url: str) -
 
 def test_tls(tmp_path: Path) -> None:
     server_context, client_context = _self_signed(tmp_path)
-    serving = _serve(_Echo, server_context)
-    url = next(serving)
-
-    async def post(verify: ssl.SSLContext | bool) -> dict[str, int]:
+    async def post(url: str, verify: ssl.SSLContext | bool) -> dict[str, int]:
         async with _client(verify) as client:
             return (await client.post(url, content=b"secret")).raise_for_status().json()  # type: ignore[no-any-return]
 
-    try:
-        assert asyncio.run(post(client_context))["size"] == 6
+    with http_server(_Echo, server_context) as url:
+        assert asyncio.run(post(url, client_context))["size"] == 6
         with pytest.raises(httpx.ConnectError):  # the system store does not know this certificate
-            asyncio.run(post(True))
-    finally:
-        next(serving, None)
+            asyncio.run(post(url, True))
 
 
 def _raw_server(behaviour: str) -> tuple[socket.socket, threading.Thread]:

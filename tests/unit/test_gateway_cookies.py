@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 
 from config.settings import Settings
+from tests.helpers import http_server
 from workers.gateway_client import GatewayClient
 
 
@@ -40,12 +40,8 @@ class _CookieGateway(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def gateway_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _CookieGateway)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(_CookieGateway) as url:
+        yield url
 
 
 def test_no_cookie_crosses_from_one_users_call_to_the_next(gateway_url: str) -> None:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
 
 import httpx
 import pytest
 
+from tests.helpers import http_server
 from workers.asyncio_backend import asyncio_pool
 from workers.errors import GatewayUnavailable, PayloadTooLarge, ProtocolError
 from workers.json_post import JsonPost
@@ -70,14 +70,9 @@ class _Gateway(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def base_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
-    server.handle_error = lambda request, address: None  # type: ignore[method-assign]  # a client hanging up early
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     _Gateway.seen.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/"
-    server.shutdown()
-    server.server_close()
+    with http_server(_Gateway) as url:
+        yield f"{url}/api/v1/"
 
 
 def post(base_url: str, path: str, *, max_bytes: int | None = 100_000) -> tuple[int, bytes]:
