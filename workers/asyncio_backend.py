@@ -70,9 +70,9 @@ class AsyncioStream(AsyncNetworkStream):
             raise httpcore.WriteError(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
-        """Close the connection (never raises)."""
+        """Close the connection (never raises, but a cancellation of the caller goes through)."""
         self._writer.close()
-        with contextlib.suppress(OSError, asyncio.CancelledError, TimeoutError):
+        with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await self._writer.wait_closed()
 
