@@ -1,6 +1,10 @@
 """The floor: a bare Celery app with the same broker/backend settings and no sark machinery.
 
-``bare.noop`` does nothing; ``bare.post`` does one httpx POST (pooled client) to the URL it is given.
+``bare.noop`` does nothing; ``bare.post`` does one httpx POST (pooled client) to the URL it is given;
+``bare.mcp_time`` calls ``get_current_time`` on a warm ``mcp-server-time`` session that the worker process
+keeps on an asyncio loop of its own (:class:`bench.direct_mcp.DirectSession`): the stdio path with the
+same architecture as sark's (one loop per process, a task thread handing the call to it) and none of
+sark's machinery (validation, registry, breaker, own pipe layer).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 _local = threading.local()
+_session_lock = threading.Lock()
+_session: Any = None
 
 
 def _client() -> httpx.Client:
@@ -41,3 +47,16 @@ def post(target: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[
     response.raise_for_status()
     data: dict[str, Any] = response.json()
     return data
+
+
+@app.task(name="bare.mcp_time")
+def mcp_time() -> dict[str, Any]:
+    """``get_current_time`` on this process's warm SDK session (started on first use)."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            from bench.direct_mcp import DirectSession
+
+            _session = DirectSession()
+    result: dict[str, Any] = _session.call()
+    return result

@@ -47,6 +47,11 @@ def targets(results: dict[str, Any]) -> list[Row]:
         r = round(warm["p95"] / floor["p95"], 2)
         rows.append(_row("stdio warm call p95 (ms)", f"{warm['p95']:.2f} (p50 {warm['p50']:.2f})",
                          f"{floor['p95']:.2f} no-op + direct warm SDK call", r, "<= 1.25x", r <= 1.25))
+        same = stdio.get("bare_task_warm_session_ms")
+        if same:
+            rows.append(_row("stdio warm call p95, same architecture", f"{warm['p95']:.2f}",
+                             f"{same['p95']:.2f} bare task on a warm SDK session", round(warm["p95"] / same["p95"], 2),
+                             "reference", None))
         cold, direct = stdio["cold_ms"], stdio["direct_cold_ms"]
         rows.append(_row("stdio cold start + first call p50 (ms)", f"{cold['p50']:.0f}",
                          f"{direct['p50']:.0f} SDK start + first call", round(cold["p50"] / direct["p50"], 2),

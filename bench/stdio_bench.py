@@ -11,7 +11,10 @@ and a bare-Celery worker (:mod:`bench.bare_app`) with :mod:`workers.devstack`, t
   tool on an ``mcp.Client`` session held by this process (no Celery, no sark); the warm figure is
   compared with their sum (what a bare Celery task holding a warm session could at best achieve).
 
-The three kinds of call are interleaved (no-op, direct, sark, in rotating order), so that the
+A fourth figure, for reference: ``bare.mcp_time``, a bare Celery task calling the same tool on a warm
+SDK session its worker keeps on a loop of its own (sark's architecture without sark's machinery).
+
+The four kinds of call are interleaved (no-op, direct, sark, bare task, in rotating order), so that the
 machine's drift hits the figure and its floor alike, and each starts after ``--gap`` ms of quiet, so
 that none pays for the trailing work (events, acks) of the call before it. Writes ``bench/results/stdio.json``.
 """
@@ -19,21 +22,16 @@ that none pays for the trailing work (events, acks) of the call before it. Write
 from __future__ import annotations
 
 import argparse
-import asyncio
-import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.common import percentiles, save, table
+from bench.direct_mcp import ARGUMENTS, DirectSession
 from workers.devstack import DevStack
-from workers.loop import EventLoopThread
-
-ARGUMENTS = {"timezone": "Europe/Paris"}
 
 
 def _registry(path: Path, cold: int) -> Path:
@@ -44,70 +42,6 @@ def _registry(path: Path, cold: int) -> Path:
     )
     path.write_text("servers:\n" + entries)
     return path
-
-
-def server_binary() -> str:
-    """``mcp-server-time`` beside this interpreter (the project's venv), else on PATH."""
-    beside = Path(sys.executable).with_name("mcp-server-time")
-    found = str(beside) if beside.exists() else shutil.which("mcp-server-time")
-    if not found:
-        raise FileNotFoundError("mcp-server-time is not installed (pip install -e '.[dev]')")
-    return found
-
-
-class DirectSession:
-    """The SDK alone: one warm ``mcp.Client`` session of ``mcp-server-time`` on a loop of its own."""
-
-    def __init__(self) -> None:
-        from mcp.client.stdio import StdioServerParameters
-
-        self.params = StdioServerParameters(command=server_binary(), args=["--local-timezone", "UTC"])
-        self._loop = EventLoopThread("bench-direct")
-        self._ready = threading.Event()
-        self._client: Any = None
-        self._stop: asyncio.Event | None = None
-        self._owner = self._loop.submit(self._own())  # anyio: one task enters and leaves the session
-        if not self._ready.wait(60):
-            raise TimeoutError("direct mcp session did not start")
-
-    async def _own(self) -> None:
-        from mcp import Client
-
-        self._stop = asyncio.Event()
-        async with Client(self.params) as client:
-            self._client = client
-            self._ready.set()
-            await self._stop.wait()
-
-    async def _call(self, client: Any) -> float:
-        started = time.perf_counter()
-        result = await client.call_tool("get_current_time", ARGUMENTS)
-        if result.is_error:
-            raise RuntimeError(f"direct call failed: {result}")
-        return (time.perf_counter() - started) * 1000
-
-    def warm_ms(self) -> float:
-        """One warm ``call_tool`` on the kept session, in ms, timed on the session's loop (no thread hop)."""
-        return self._loop.run(self._call(self._client), timeout=30)
-
-    def cold_ms(self) -> float:
-        """A new session (process start + handshake) and its first call, in ms (closing not counted)."""
-        from mcp import Client
-
-        async def cold() -> float:
-            started = time.perf_counter()
-            async with Client(self.params) as client:
-                await self._call(client)
-                return (time.perf_counter() - started) * 1000
-
-        return self._loop.run(cold(), timeout=60)
-
-    def close(self) -> None:
-        """Close the session and stop the loop."""
-        if self._stop is not None:
-            self._loop.loop.call_soon_threadsafe(self._stop.set)
-        self._owner.result(30)
-        self._loop.stop()
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -166,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                 "noop": lambda: timed(lambda: send_noop().get(timeout=30)),
                 "direct": direct.warm_ms,
                 "sark": lambda: timed(lambda: send_time("time-0").get(timeout=30)),
+                "bare_mcp": lambda: timed(lambda: bare.mcp_time.apply_async().get(timeout=60)),
             }
             samples: dict[str, list[float]] = {name: [] for name in kinds}
             order = list(kinds)
             for i in range(args.warmup + args.n):
-                for name in order[i % 3:] + order[:i % 3]:  # rotate who goes first
+                for name in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
                     time.sleep(args.gap / 1000)  # let the previous call's trailing work (events, acks) finish
                     took = kinds[name]()
                     if i >= args.warmup:
@@ -178,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             direct.close()
     cold, direct_cold = percentiles(cold_ms), percentiles(direct_cold_ms)
-    noop, warm, direct_warm = (percentiles(samples[k]) for k in ("noop", "sark", "direct"))
+    noop, warm, direct_warm, bare_mcp = (percentiles(samples[k]) for k in ("noop", "sark", "direct", "bare_mcp"))
     floor = combined(noop, direct_warm)
 
     print(table([
         ("bare Celery no-op round trip (ms)", noop, noop),
         ("direct warm mcp call_tool, SDK only (ms)", direct_warm, direct_warm),
         ("stdio warm vs no-op + direct warm call (ms)", warm, floor),
+        ("stdio warm vs bare task on a warm session (ms)", warm, bare_mcp),
         ("stdio cold start + first call vs SDK's (ms)", cold, direct_cold),
     ]))
     print(f"(reference: direct warm call_tool back to back, nothing interleaved: p50 {back_to_back['p50']:.2f} "
@@ -192,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     path = save("stdio", {"cold_ms": cold, "cold_samples_ms": [round(v, 1) for v in cold_ms], "warm_ms": warm,
                           "direct_cold_ms": direct_cold, "direct_back_to_back_ms": back_to_back,
                           "gap_ms": args.gap, "noop_ms": noop, "direct_warm_ms": direct_warm,
-                          "floor_ms": floor,
+                          "floor_ms": floor, "bare_task_warm_session_ms": bare_mcp,
                           "p95_ratio": round(warm["p95"] / floor["p95"], 2), "n": args.n,
                           "python": sys.version.split()[0]})
     print(f"saved {path}")

@@ -264,7 +264,8 @@ class ServerPool:
                 finally:
                     gen.inflight -= 1
                     gen.last_used = time.monotonic()
-                    gen.wake.set()
+                    if gen.retiring:  # the owner waits for the last call of a retiring generation;
+                        gen.wake.set()  # otherwise it wakes by itself when the idle time may be up
                 if forwarder is not None:
                     await forwarder.drain()
         except TimeoutError:
