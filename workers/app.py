@@ -22,6 +22,7 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
+from workers.broker import broker_transport
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
 from workers.logs import configure_logging
 from workers.models import default_transport
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("sark", broker=settings.broker_url, backend=settings.backend_url, include=["tasks.invoke"])
     celery.conf.update(
+        # Redis brokers: kombu's transport with the broker-restart race closed (workers/broker.py).
+        broker_transport=broker_transport(settings.broker_url),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -44,6 +44,15 @@ def _redis_url(redis_url: str | None) -> str:
     return get_settings().redis_url
 
 
+def _read_timeout(block_ms: int) -> float:
+    """Socket timeout of an own client: above the longest ``XREAD BLOCK``.
+
+    redis-py 8 gives every client a 5 s socket timeout by default, exactly the default block: a stream
+    that stayed quiet for one whole block then raised ``TimeoutError`` instead of waiting on.
+    """
+    return block_ms / 1000 + 10.0
+
+
 def _start(after: str | None, from_seq: int | None) -> str:
     if after is not None and from_seq is not None:
         raise InvalidInvocation("pass either after or from_seq, not both")
@@ -119,7 +128,8 @@ def follow(
         after: Redis entry id to start after (``"0-0"``: the beginning).
         from_seq: first chunk ``seq`` wanted (alternative to ``after``).
         redis_url: Redis holding the streams (default: ``SARK_REDIS_URL``).
-        client: an existing Redis client to use (not closed here).
+        client: an existing Redis client to use (not closed here); its socket timeout must be
+            longer than ``block_ms``.
         block_ms: longest single ``XREAD BLOCK``.
         count: most entries fetched per read.
         idle_timeout: seconds without any new entry before :class:`InvocationTimeout` (None: forever).
@@ -131,7 +141,8 @@ def follow(
     cursor = _Cursor(task_id, _start(after, from_seq), idle_timeout)
     key = stream_key(task_id)
     own = client is None
-    conn = client if client is not None else redis.Redis.from_url(_redis_url(redis_url))
+    conn = client if client is not None else redis.Redis.from_url(
+        _redis_url(redis_url), socket_timeout=_read_timeout(block_ms))
     try:
         while not cursor.finished:
             reply = conn.xread({key: cursor.last_id}, count=count, block=block_ms)
@@ -163,7 +174,8 @@ async def afollow(
     cursor = _Cursor(task_id, _start(after, from_seq), idle_timeout)
     key = stream_key(task_id)
     own = client is None
-    conn = client if client is not None else aioredis.Redis.from_url(_redis_url(redis_url))
+    conn = client if client is not None else aioredis.Redis.from_url(
+        _redis_url(redis_url), socket_timeout=_read_timeout(block_ms))
     try:
         while not cursor.finished:
             reply = await conn.xread({key: cursor.last_id}, count=count, block=block_ms)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -160,3 +161,30 @@ def test_redis_failure_is_a_typed_error() -> None:
             await conn.aclose()
 
     asyncio.run(run())
+
+
+def test_a_stream_quiet_for_longer_than_one_block_is_still_followed(redis_url: str) -> None:
+    """A pause of more than one whole ``XREAD BLOCK`` (5 s) between chunks: the reader waits on."""
+    rid = f"quiet-{uuid.uuid4()}"
+
+    async def slow_publisher() -> None:
+        conn = aioredis.Redis.from_url(redis_url)
+        try:
+            publisher = StreamPublisher(conn, rid, maxlen=100, ttl=60, running_ttl=120, max_chunks=100,
+                                        max_bytes=1 << 20)
+            await publisher.open()
+            await publisher.sink(Chunk(seq=0, data={"i": 0}))
+            await publisher.flush()
+            await asyncio.sleep(5.6)
+            await publisher.sink(Chunk(seq=0, data={"i": 1}))
+            await publisher.done({"ok": True})
+        finally:
+            await conn.aclose()
+
+    writer = threading.Thread(target=lambda: asyncio.run(slow_publisher()))
+    writer.start()
+    try:
+        chunks = list(stream_client.stream(rid, redis_url=redis_url, idle_timeout=30))
+    finally:
+        writer.join(30)
+    assert [c.data for c in chunks] == [{"i": 0}, {"i": 1}]

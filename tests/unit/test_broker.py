@@ -1,0 +1,52 @@
+"""The broker transport on a real redis-server: closing a connection whose transport was already
+detached (what Celery's consumer does after losing the broker) is a connection error, not a crash."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from kombu import Connection
+from kombu.common import ignore_errors
+
+from tests.helpers import settings_with
+from workers.broker import TRANSPORT, broker_transport
+
+
+def _collected_connection_with_an_unacked_message(url: str, transport: str | None) -> Connection:
+    """A connection holding one delivered, unacknowledged message, detached as ``collect()`` leaves it."""
+    conn = Connection(url, transport=transport)
+    queue = conn.SimpleQueue("broker-race")
+    queue.put({"n": 1})
+    message = queue.get(timeout=2)
+    assert not message.acknowledged
+    assert not conn.default_channel.closed  # collect() did not get to close it
+    conn._do_close_transport()  # what Connection.collect() ends with: transport.client = None
+    return conn
+
+
+def test_closing_a_detached_connection_is_a_connection_error(redis_url: str) -> None:
+    conn = _collected_connection_with_an_unacked_message(redis_url, TRANSPORT)
+    ignore_errors(conn, conn.close)  # Celery's consumer does exactly this; it must not raise
+    # The message was not put back by the close: it waits in the unacked index for the sweep.
+    client = redis.Redis.from_url(redis_url)
+    assert client.zcard("unacked_index") == 1
+    client.close()
+
+
+def test_kombus_own_transport_crashes_there(redis_url: str) -> None:
+    """The race this transport closes (if kombu fixes it, this test says so and the module can go)."""
+    conn = _collected_connection_with_an_unacked_message(redis_url, None)
+    with pytest.raises(AttributeError):
+        ignore_errors(conn, conn.close)
+
+
+def test_only_redis_urls_get_this_transport(redis_url: str) -> None:
+    assert broker_transport("redis://h:6379/0") == broker_transport("rediss://h:6380/0") == TRANSPORT
+    assert broker_transport("amqp://guest@h//") is None
+    assert broker_transport("sentinel://h:26379") is None
+    from workers.app import create_app  # not at import: workers.app reads the settings once, at import
+
+    app = create_app(settings_with({"SARK_BROKER_URL": redis_url}))
+    with app.connection_for_write() as conn:
+        assert type(conn.transport).__module__ == "workers.broker"
+        conn.ensure_connection(max_retries=1)
