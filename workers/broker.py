@@ -29,7 +29,24 @@ TRANSPORT = "workers.broker:Transport"
 
 
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel; connection parameters of a detached transport are a connection error."""
+    """kombu's Redis channel; connection parameters of a detached transport are a connection error.
+
+    It also keeps one synchronous client per connection pool instead of building a new ``redis.Redis``
+    for every publish, acknowledgement and requeue (about 50 µs each with redis-py 8, several per task,
+    mostly on the worker's main thread). A client on a shared pool holds no connection of its own, so
+    one serves every caller, in every thread, exactly like a fresh one.
+    """
+
+    _sark_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool = self.pool
+        client = self._sark_client
+        if client is None or client.connection_pool is not pool:
+            client = self._sark_client = super()._create_client()  # type: ignore[no-untyped-call]
+        return client
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection is None or self.connection.client is None:

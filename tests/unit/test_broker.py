@@ -50,3 +50,21 @@ def test_only_redis_urls_get_this_transport(redis_url: str) -> None:
     with app.connection_for_write() as conn:
         assert type(conn.transport).__module__ == "workers.broker"
         conn.ensure_connection(max_retries=1)
+
+
+def test_one_sync_client_per_pool_and_messages_still_flow(redis_url: str) -> None:
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        first = channel._create_client()
+        assert channel._create_client() is first  # no new redis.Redis per publish/ack
+        queue = conn.SimpleQueue("broker-cache")
+        for n in range(3):
+            queue.put({"n": n})
+        got = [queue.get(timeout=2) for _ in range(3)]
+        for message in got:
+            message.ack()
+        assert [m.payload["n"] for m in got] == [0, 1, 2]
+        channel._disconnect_pools()  # e.g. after a fork: a new pool, so a new client
+        assert channel._create_client() is not first
+        assert channel._create_client().connection_pool is channel.pool
+        queue.close()
