@@ -3,6 +3,8 @@ detached (what Celery's consumer does after losing the broker) is a connection e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis
 from kombu import Connection
@@ -10,6 +12,7 @@ from kombu.common import ignore_errors
 
 from tests.helpers import settings_with
 from workers.broker import TRANSPORT, broker_transport
+from workers.devstack import start_redis
 
 
 def _collected_connection_with_an_unacked_message(url: str, transport: str | None) -> Connection:
@@ -68,3 +71,32 @@ def test_one_sync_client_per_pool_and_messages_still_flow(redis_url: str) -> Non
         assert channel._create_client() is not first
         assert channel._create_client().connection_pool is channel.pool
         queue.close()
+
+
+def test_message_taken_as_the_connection_drops_goes_back_to_its_queue(tmp_path: Path) -> None:
+    """BRPOP took it, Redis went away before its unacked record was written: it is requeued, not lost."""
+    proc = start_redis(tmp_path / "a", appendonly=True)
+    port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
+    conn = Connection(proc.url, transport=TRANSPORT)
+    again = None
+    try:
+        queue = conn.SimpleQueue("orphan-test")
+        queue.put({"n": 42})
+        channel = conn.default_channel
+        raw = channel._get("orphan-test")  # off the queue, as BRPOP takes it
+        message = channel.Message(raw, channel=channel)
+        proc.stop()  # the broker goes away before the unacked record is written
+        with pytest.raises(conn.connection_errors):
+            channel.qos.append(message, message.delivery_tag)
+        again = start_redis(tmp_path / "a", port=port, appendonly=True, data_dir=tmp_path / "a" / f"redis-{port}")
+        channel._disconnect_pools()  # reconnect
+        assert channel._requeue_orphans() == 1
+        assert channel._requeue_orphans() == 0  # once
+        back = queue.get(timeout=2)
+        assert back.payload == {"n": 42} and back.delivery_info["redelivered"]
+        back.ack()
+    finally:
+        conn.release()
+        proc.stop()
+        if again is not None:
+            again.stop()
