@@ -67,7 +67,8 @@ class QoS(kombu_redis.QoS):
 
 
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel; connection parameters of a detached transport are a connection error.
+    """kombu's Redis channel: requeues orphaned messages before each ``BRPOP``, and reading the connection
+    parameters of a detached transport is a connection error.
 
     It also keeps one synchronous client per connection pool instead of building a new ``redis.Redis``
     for every publish, acknowledgement and requeue (about 50 µs each with redis-py 8, several per task,
