@@ -14,7 +14,7 @@ unacked index and are restored by the visibility-timeout sweep, as after any los
 
 A second gap of the same transport is closed too: a message is taken off its queue (``BRPOP``) and
 *then* recorded as unacknowledged; when the connection drops between the two, kombu loses it (it is in
-neither place; seen about once in eight Redis restarts under load). Here such a message is kept in
+neither place; seen in one run in six to eight of the Redis-restart fault test). Here such a message is kept in
 this process and pushed back onto its queue, marked redelivered, before the next ``BRPOP`` on the new
 connection (:class:`QoS`, :meth:`Channel._requeue_orphans`).
 
