@@ -24,7 +24,6 @@ from workers.errors import (
     AuthorizationDenied,
     GatewayUnavailable,
     InvocationTimeout,
-    PayloadTooLarge,
     ProtocolError,
     SarkError,
     ToolError,
@@ -119,52 +118,25 @@ class GatewayClient:
 
     # --- plumbing -------------------------------------------------------------------------------
     async def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        timeout: float | None = None,
-        max_bytes: int | None = None,
-        **kwargs: Any,
+        self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any
     ) -> tuple[httpx.Response, bytes]:
-        """Send one request; return the response and its body (read up to ``max_bytes``)."""
+        """Send one discovery/health request; return the response and its body.
+
+        Invocations do not come here: they go through :class:`~workers.json_post.JsonPost`, which
+        also enforces the result size cap.
+        """
         request = self.http.build_request(
             method, path, timeout=httpx.Timeout(timeout) if timeout else httpx.USE_CLIENT_DEFAULT, **kwargs
         )
         try:
-            response = await self.http.send(request, stream=True)
-            try:
-                body = await self._read_body(response, max_bytes)
-            finally:
-                await response.aclose()
+            response = await self.http.send(request)
         except httpx.TimeoutException as exc:
             raise InvocationTimeout(
                 f"Gateway did not answer {method} {path} within {timeout or self._settings.gateway_timeout}s"
             ) from exc
         except httpx.TransportError as exc:
             raise GatewayUnavailable(f"cannot reach the Gateway ({type(exc).__name__}: {exc})") from exc
-        return response, body
-
-    @staticmethod
-    async def _read_body(response: httpx.Response, max_bytes: int | None) -> bytes:
-        if max_bytes is None:
-            return await response.aread()
-        declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise PayloadTooLarge(
-                f"result is {declared} bytes, limit is {max_bytes}",
-                {"limit": max_bytes, "size": int(declared), "what": "result"},
-            )
-        parts: list[bytes] = []
-        size = 0
-        async for piece in response.aiter_bytes():
-            size += len(piece)
-            if size > max_bytes:
-                raise PayloadTooLarge(
-                    f"result exceeds {max_bytes} bytes", {"limit": max_bytes, "what": "result"}
-                )
-            parts.append(piece)
-        return b"".join(parts)
+        return response, response.content
 
     @staticmethod
     def _json(body: bytes, what: str) -> Any:
