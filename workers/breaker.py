@@ -309,15 +309,16 @@ class BreakerBoard:
 
     async def acquire(self, cb: CircuitBreaker, lease: float) -> Decision:
         """"May I call?" from memory (a closed breaker), on Redis, or locally when Redis is unreachable."""
-        watch = self.watch
-        if self._store() is self._redis:
-            ticket = None
-            if watch is not None:
-                gen = watch.closed_gen(cb.key)
-                if gen is not None:
-                    return Decision(state="closed", allowed=True, retry_after=0.0, failures=0, gen=gen, token="")
-                ticket = watch.ticket(cb.key)
-            token = uuid.uuid4().hex
+        shared = self._store() is self._redis
+        watch = self.watch if shared else None
+        ticket = None
+        if watch is not None:
+            gen = watch.closed_gen(cb.key)
+            if gen is not None:
+                return Decision(state="closed", allowed=True, retry_after=0.0, failures=0, gen=gen, token="")
+            ticket = watch.ticket(cb.key)
+        token = uuid.uuid4().hex
+        if shared:
             try:
                 decision = await self._redis.acquire(cb.name, reset_timeout=cb.reset_timeout, token=token, lease=lease)
             except (RedisError, OSError) as exc:
@@ -328,7 +329,6 @@ class BreakerBoard:
                     watch.remember(ticket, closed=decision.state == "closed", failures=decision.failures,
                                    gen=decision.gen)
                 return decision
-        token = uuid.uuid4().hex
         return await self._local.acquire(cb.name, reset_timeout=cb.reset_timeout, token=token, lease=lease)
 
     async def record(self, cb: CircuitBreaker, decision: Decision, outcome: Outcome, error: str) -> Transition | None:

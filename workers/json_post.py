@@ -54,6 +54,7 @@ class JsonPost:
             (b"Accept-Encoding", b"gzip"),
             (b"Connection", b"keep-alive"),
             *((name.encode("ascii"), value.encode("latin-1")) for name, value in headers.items()),
+            (b"Content-Type", b"application/json"),
         ]
 
     async def post(
@@ -73,7 +74,6 @@ class JsonPost:
             httpcore.URL(scheme=self._scheme, host=self._host, port=self._port, target=self._prefix + path.encode()),
             headers=[
                 *self._headers,
-                (b"Content-Type", b"application/json"),
                 (b"Content-Length", str(len(body)).encode()),
                 *((name.encode("ascii"), value.encode("latin-1")) for name, value in headers.items()),
             ],
