@@ -24,7 +24,7 @@ import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
-__all__ = ["AsyncioBackend", "AsyncioStream", "asyncio_pool", "asyncio_transport", "transport_on"]
+__all__ = ["AsyncioBackend", "AsyncioStream", "asyncio_pool", "transport_on"]
 
 _SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
@@ -180,8 +180,3 @@ def transport_on(pool: httpcore.AsyncConnectionPool) -> httpx.AsyncHTTPTransport
     transport = httpx.AsyncHTTPTransport()
     transport._pool = pool
     return transport
-
-
-def asyncio_transport(*, limits: httpx.Limits, verify: ssl.SSLContext | str | bool = True) -> httpx.AsyncHTTPTransport:
-    """httpx's transport on a fresh :func:`asyncio_pool`."""
-    return transport_on(asyncio_pool(limits=limits, verify=verify))

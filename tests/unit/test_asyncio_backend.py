@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from config.settings import Settings
 from tests.helpers import http_server
-from workers.asyncio_backend import AsyncioBackend, asyncio_transport
+from workers.asyncio_backend import AsyncioBackend, asyncio_pool, transport_on
 from workers.devstack import free_port
 from workers.errors import GatewayUnavailable, InvocationTimeout
 from workers.gateway_client import GatewayClient
@@ -83,7 +83,7 @@ def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 def _client(verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=asyncio_transport(limits=httpx.Limits(), verify=verify), timeout=2)
+    return httpx.AsyncClient(transport=transport_on(asyncio_pool(limits=httpx.Limits(), verify=verify)), timeout=2)
 
 
 def test_gateway_client_pool_runs_on_the_asyncio_backend() -> None:
