@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.common import alternating_throughput, interleaved, ratio, save, table, throughput
+from bench.common import alternating_throughput, interleaved, ratio, round_trip, save, table, throughput
 from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
 
 
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for send in (send_noop, send_post, send_invoke):
             throughput(send, 200)  # warm every pool and connection first
-        lat = interleaved({"noop": send_noop, "post": send_post, "invoke": send_invoke}, args.n)
+        lat = interleaved({"noop": round_trip(send_noop), "post": round_trip(send_post),
+                           "invoke": round_trip(send_invoke)}, args.n)
         noop, post, invoke = lat["noop"], lat["post"], lat["invoke"]
         rates = alternating_throughput({"post": send_post, "invoke": send_invoke}, args.tn, rounds=args.rounds)
         tp_post, tp_invoke = rates["post"], rates["invoke"]

@@ -26,23 +26,37 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
             "n": len(ordered)}
 
 
-def interleaved(
-    sends: dict[str, Callable[[], AsyncResult]], n: int, warmup: int = 20, timeout: float = 30
-) -> dict[str, dict[str, float]]:
-    """Round trips of several kinds of call, one at a time, interleaved in rotating order.
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of ``fn()`` in ms."""
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
 
-    Each round sends one call of every kind, the first kind changing from round to round, so that
-    the machine's drift (this one is noisy) hits every figure alike. Returns percentiles per kind.
+
+def round_trip(send: Callable[[], AsyncResult], timeout: float = 30) -> Callable[[], float]:
+    """A measurement: send one task and wait for its result; returns ms."""
+    return lambda: timed(lambda: send().get(timeout=timeout))
+
+
+def interleaved(
+    calls: dict[str, Callable[[], float]], n: int, warmup: int = 20, gap_ms: float = 0.0
+) -> dict[str, dict[str, float]]:
+    """Several kinds of call (each returns its own duration in ms), one at a time, in rotating order.
+
+    Each round makes one call of every kind, the first kind changing from round to round, so that
+    the machine's drift (this one is noisy) hits every figure alike; ``gap_ms`` of quiet precede each
+    call. Returns percentiles per kind.
     """
-    names = list(sends)
+    names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + n):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            sends[name]().get(timeout=timeout)
+            if gap_ms:
+                time.sleep(gap_ms / 1000)
+            took = calls[name]()
             if i >= warmup:
-                samples[name].append((time.perf_counter() - started) * 1000)
+                samples[name].append(took)
     return {name: percentiles(values) for name, values in samples.items()}
 
 

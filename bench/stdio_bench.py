@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from bench.common import percentiles, save, table
+from bench.common import interleaved, percentiles, round_trip, save, table, timed
 from bench.direct_mcp import ARGUMENTS, DirectSession
 from workers.devstack import DevStack
 
@@ -42,13 +39,6 @@ def _registry(path: Path, cold: int) -> Path:
     )
     path.write_text("servers:\n" + entries)
     return path
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Wall time of ``fn()`` in ms."""
-    started = time.perf_counter()
-    fn()
-    return (time.perf_counter() - started) * 1000
 
 
 def combined(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -96,24 +86,16 @@ def main(argv: list[str] | None = None) -> int:
                 direct_cold_ms.append(direct.cold_ms())
             # For reference only: the SDK back to back, on a machine kept busy by nothing else.
             back_to_back = percentiles([direct.warm_ms() for _ in range(args.warmup + args.n)][args.warmup:])
-            kinds: dict[str, Callable[[], float]] = {
-                "noop": lambda: timed(lambda: send_noop().get(timeout=30)),
+            lat = interleaved({
+                "noop": round_trip(send_noop),
                 "direct": direct.warm_ms,
-                "sark": lambda: timed(lambda: send_time("time-0").get(timeout=30)),
-                "bare_mcp": lambda: timed(lambda: bare.mcp_time.apply_async().get(timeout=60)),
-            }
-            samples: dict[str, list[float]] = {name: [] for name in kinds}
-            order = list(kinds)
-            for i in range(args.warmup + args.n):
-                for name in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
-                    time.sleep(args.gap / 1000)  # let the previous call's trailing work (events, acks) finish
-                    took = kinds[name]()
-                    if i >= args.warmup:
-                        samples[name].append(took)
+                "sark": round_trip(lambda: send_time("time-0")),
+                "bare_mcp": round_trip(bare.mcp_time.apply_async, timeout=60),
+            }, args.n, warmup=args.warmup, gap_ms=args.gap)  # gap: the previous call's events, acks finish first
         finally:
             direct.close()
     cold, direct_cold = percentiles(cold_ms), percentiles(direct_cold_ms)
-    noop, warm, direct_warm, bare_mcp = (percentiles(samples[k]) for k in ("noop", "sark", "direct", "bare_mcp"))
+    noop, warm, direct_warm, bare_mcp = (lat[k] for k in ("noop", "sark", "direct", "bare_mcp"))
     floor = combined(noop, direct_warm)
 
     print(table([
