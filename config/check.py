@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from config.registry import Registry, RegistryError, StdioServer, load_registry
 from config.settings import Settings
 
-__all__ = ["Problem", "check_config", "check_registry"]
+__all__ = ["Problem", "check_config", "check_registry", "check_security"]
 
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env", "cmd", "powershell", "pwsh"}
 _SECRET_NAME = re.compile(r"(?i)(token|secret|password|passwd|api[_-]?key|private[_-]?key|credential)")
@@ -87,6 +87,42 @@ def check_config(registry_path: Path | None = None) -> list[Problem]:
     except RegistryError as exc:
         return [Problem("error", str(path), str(exc))]
     problems = check_registry(registry, settings)
+    problems.extend(check_security(registry, settings))
+    return problems
+
+
+def check_security(registry: Registry, settings: Settings) -> list[Problem]:
+    """Settings that would let tokens travel in clear, or leave a policy or an operator task unenforceable."""
+    problems: list[Problem] = []
     if settings.gateway_api_key is None:
         problems.append(Problem("warning", "settings.gateway_api_key", "no X-API-Key will be sent to the Gateway"))
+    if settings.token_key is None:
+        problems.append(Problem("warning", "settings.token_key",
+                                "no SARK_TOKEN_KEY: user tokens cannot be sealed and would travel in clear through "
+                                "the broker (and its AOF file); generate one with `sark keygen`"))
+    if settings.allow_clear_tokens:
+        problems.append(Problem("warning", "settings.allow_clear_tokens",
+                                "clear (unsealed) user tokens are accepted: anyone reading the broker reads them"))
+    elif settings.token_key is None:
+        problems.append(Problem("warning", "settings.allow_clear_tokens",
+                                "without SARK_TOKEN_KEY every invocation that carries a token will be refused"))
+    if settings.token_ttl <= settings.visibility_timeout:
+        problems.append(Problem("warning", "settings.token_ttl",
+                                f"{settings.token_ttl}s is not above visibility_timeout "
+                                f"({settings.visibility_timeout}s): an invocation redelivered after a lost worker would find its sealed token expired"))
+    if settings.operator_key is None:
+        problems.append(Problem("warning", "settings.operator_key",
+                                "no SARK_OPERATOR_KEY: the sark.breakers task refuses every reset (the CLI, which "
+                                "talks to Redis directly, still works)"))
+    verifies = settings.auth_hs256_secret or settings.auth_public_key or settings.auth_jwks_path
+    for server in registry.servers.values():
+        if server.policy is not None and not verifies:
+            problems.append(Problem("error", f"servers.{server.name}.policy",
+                                    "a policy needs a key to verify user tokens: set SARK_AUTH_HS256_SECRET, "
+                                    "SARK_AUTH_PUBLIC_KEY or SARK_AUTH_JWKS_PATH"))
+    for name in ("gateway_api_key", "operator_key", "auth_hs256_secret"):
+        value = getattr(settings, name)
+        if value is not None and len(value.get_secret_value()) < 16:
+            problems.append(Problem("warning", f"settings.{name}", "shorter than 16 characters: easy to guess, "
+                                    "and too short to be scrubbed reliably from error messages"))
     return problems

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
+    "AccessPolicy",
     "BreakerOverrides",
     "GatewayServer",
     "Registry",
@@ -43,12 +44,28 @@ class BreakerOverrides(BaseModel):
     enabled: bool = True
 
 
+class AccessPolicy(BaseModel):
+    """Who may call a server: the caller's token must be a JWT whose signature the worker verifies
+    (``SARK_AUTH_*`` settings) and whose subject, one of whose teams or one of whose roles is listed.
+
+    A server with a policy refuses every call without such a token (default deny); an empty policy
+    (``policy: {}``) lets nobody in. A server without a policy is open to anyone who can enqueue.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subjects: list[str] = Field(default_factory=list, description="allowed `sub` claims")
+    teams: list[str] = Field(default_factory=list, description="allowed teams (the teams claim)")
+    roles: list[str] = Field(default_factory=list, description="allowed roles (the roles claim)")
+
+
 class _ServerBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN)
     timeout: float | None = Field(default=None, gt=0, description="per-call timeout override")
     breaker: BreakerOverrides = BreakerOverrides()
+    policy: AccessPolicy | None = Field(default=None, description="who may call it; None: anyone who can enqueue")
     description: str = ""
 
 

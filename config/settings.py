@@ -22,7 +22,10 @@ class Settings(BaseSettings):
     Every field is read from ``SARK_<FIELD>`` (e.g. ``SARK_BROKER_URL``). Durations are seconds.
     """
 
-    model_config = SettingsConfigDict(env_prefix="SARK_", extra="ignore", frozen=True)
+    # ``.env`` in the working directory (written by ``scripts/bootstrap.sh`` with generated keys) is read
+    # after the environment, which wins.
+    model_config = SettingsConfigDict(env_prefix="SARK_", extra="ignore", frozen=True, env_file=".env",
+                                      env_file_encoding="utf-8")
 
     # --- broker, backend, Redis -------------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -52,11 +55,26 @@ class Settings(BaseSettings):
 
     # --- security and shutdown -----------------------------------------------------------------
     token_key: SecretStr | None = Field(default=None, description="Fernet key sealing tokens in the broker")
+    allow_clear_tokens: bool = Field(default=False, description="accept tokens that are not sealed (dev only)")
+    token_ttl: int = Field(default=7_200, gt=0, description="seconds a sealed token stays valid after sealing")
+    max_token_bytes: int = Field(default=8_192, gt=0, description="longest accepted user token")
     token_leeway: float = Field(default=0.0, ge=0, description="seconds of clock skew allowed on JWT exp")
+    operator_key: SecretStr | None = Field(default=None, description="signs operator-only tasks (breaker reset)")
+    # Verification of user tokens for registry ``policy:`` blocks (who may call a server).
+    auth_hs256_secret: SecretStr | None = Field(default=None, description="HS256 secret of user JWTs")
+    auth_public_key: str | None = Field(default=None, description="PEM public key (or a path to one) of user JWTs")
+    auth_jwks_path: Path | None = Field(default=None, description="JWKS file with the public keys of user JWTs")
+    auth_audience: str | None = Field(default=None, description="required `aud` of user JWTs")
+    auth_issuer: str | None = Field(default=None, description="required `iss` of user JWTs")
+    auth_teams_claim: str = Field(default="teams", description="claim listing the user's teams")
+    auth_roles_claim: str = Field(default="roles", description="claim listing the user's roles")
+    # What Flower and INFO logs show of an invocation (default: server.tool and argument names only).
+    show_task_details: bool = Field(default=False, description="Flower/logs show argument values and error text")
     shutdown_grace: float = Field(default=30.0, ge=0, description="SIGTERM: seconds running tasks get")
 
     # --- invocations --------------------------------------------------------------------------
     invoke_timeout: float = Field(default=30.0, gt=0, description="default per-invocation timeout")
+    min_invoke_timeout: float = Field(default=1.0, gt=0, description="smallest timeout a task may ask")
     max_invoke_timeout: float = Field(default=600.0, gt=0, description="largest timeout a task may ask")
     max_argument_bytes: int = Field(default=1_048_576, gt=0)
     max_result_bytes: int = Field(default=10_485_760, gt=0)
@@ -99,6 +117,16 @@ class Settings(BaseSettings):
             )
         if self.invoke_timeout > self.max_invoke_timeout:
             raise ValueError("invoke_timeout must not exceed max_invoke_timeout")
+        if not self.min_invoke_timeout <= self.invoke_timeout:
+            raise ValueError("min_invoke_timeout must not exceed invoke_timeout")
+        if self.token_key is not None:
+            from cryptography.fernet import Fernet
+
+            try:
+                Fernet(self.token_key.get_secret_value().encode())
+            except (ValueError, TypeError):
+                raise ValueError("token_key is not a Fernet key (32 url-safe base64-encoded bytes; generate one "
+                                 "with `sark keygen`)") from None
         return self
 
     @property

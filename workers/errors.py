@@ -6,7 +6,8 @@ Callers catch :class:`SarkError`; every failure a task can end with is one of th
     ├── InvalidInvocation          bad input, refused before any network call
     │   ├── UnknownServer          the server is not in the operator's registry
     │   ├── PayloadTooLarge        arguments, result or stream over a configured limit
-    │   └── TokenExpired           the user's JWT expired while the task waited in the queue
+    │   ├── TokenExpired           the user's JWT expired while the task waited in the queue
+    │   └── InvalidToken           the token is malformed, unsealed where sealing is required, or unbound
     ├── AuthorizationDenied        the Gateway said 403 (never retried)
     ├── ToolError(status_code)     the tool or Gateway failed; carries an HTTP-like status
     │   └── InvocationTimeout      no answer in time (status 504)
@@ -15,10 +16,13 @@ Callers catch :class:`SarkError`; every failure a task can end with is one of th
     │   ├── ProtocolError          malformed SSE event, JSON-RPC line or JSON body
     │   └── ServerCrashed          a stdio server exited or could not start
     ├── CircuitOpen(retry_after)   the target's breaker is open; no call was made
-    └── Cancelled                  the invocation was cancelled by its caller
+    ├── Cancelled                  the invocation was cancelled by its caller
+    └── InternalError              a fault of the worker itself (details only in the worker log)
 
 Every error is rebuilt by Celery's JSON result backend from ``(message, detail)``: the
-constructor takes exactly the arguments kept in ``args``. Messages never contain tokens.
+constructor takes exactly the arguments kept in ``args``. Messages never contain tokens: every error
+leaving a worker passes through :func:`workers.scrub.scrub_error`, which removes each secret the worker
+holds, and third-party exceptions never leave a worker as themselves (they become :class:`InternalError`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ __all__ = [
     "Cancelled",
     "CircuitOpen",
     "GatewayUnavailable",
+    "InternalError",
     "InvalidInvocation",
+    "InvalidToken",
     "InvocationTimeout",
     "PayloadTooLarge",
     "ProtocolError",
@@ -55,6 +61,9 @@ class SarkError(Exception):
     code: ClassVar[str] = "sark_error"
     #: Whether the breaker counts this error as a failure of the target.
     counts_as_failure: ClassVar[bool] = False
+    #: Set by the worker on an error the caller brought on itself (e.g. its own too-short timeout):
+    #: such an error never counts against the target's breaker, whatever its class. Not serialised.
+    caller_caused: bool = False
 
     def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
         self.message = message
@@ -94,6 +103,13 @@ class TokenExpired(InvalidInvocation):
     """The user's token expired before the invocation was carried out."""
 
     code = "token_expired"
+
+
+class InvalidToken(InvalidInvocation):
+    """The user's token was refused before use: bad characters or length, not sealed, sealed for another
+    task, or sealed too long ago. The message never holds the token."""
+
+    code = "invalid_token"
 
 
 class AuthorizationDenied(SarkError):
@@ -179,6 +195,12 @@ class Cancelled(SarkError):
     code = "cancelled"
 
 
+class InternalError(SarkError):
+    """A fault of the worker itself, not of the target or the input; details are in the worker log only."""
+
+    code = "internal_error"
+
+
 _BY_NAME: dict[str, type[SarkError]] = {
     cls.__name__: cls
     for cls in (
@@ -187,6 +209,7 @@ _BY_NAME: dict[str, type[SarkError]] = {
         UnknownServer,
         PayloadTooLarge,
         TokenExpired,
+        InvalidToken,
         AuthorizationDenied,
         ToolError,
         InvocationTimeout,
@@ -196,6 +219,7 @@ _BY_NAME: dict[str, type[SarkError]] = {
         ServerCrashed,
         CircuitOpen,
         Cancelled,
+        InternalError,
     )
 }
 

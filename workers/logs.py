@@ -7,26 +7,21 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from typing import Any
 
+from workers.scrub import scrub
+
 __all__ = ["JsonFormatter", "RedactingFilter", "configure_logging", "redact"]
 
-_SECRET_PATTERNS = [
-    re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}"),  # JWTs
-    re.compile(r"(?i)(bearer\s+)[^\s'\",}]+"),
-    re.compile(r"(?i)((?:api[_-]?key|token|secret|password)['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
-]
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def redact(text: str) -> str:
-    """``text`` with JWTs, bearer tokens and ``key=value`` secrets replaced by ``[REDACTED]``."""
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[REDACTED]", text)
-    return text
+    """``text`` with every secret the process holds (:mod:`workers.scrub`), JWTs, bearer tokens and
+    ``key=value`` secrets replaced by ``[REDACTED]``."""
+    return scrub(text)
 
 
 class RedactingFilter(logging.Filter):

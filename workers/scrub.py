@@ -1,0 +1,115 @@
+"""The one scrubber: every secret a worker holds is removed from any text that may leave the worker.
+
+Text leaves a worker in error messages (result backend, Flower's task events, stream error entries),
+log lines, and CLI output. Third-party exceptions (httpx, httpcore, h11, the ``mcp`` SDK) may quote a
+request header or a value whole; their text reaches a :class:`~workers.errors.SarkError` only through
+:func:`scrub` (or :func:`scrub_error` on the way out of a task), which replaces:
+
+* every secret registered for the process (:func:`register_secret`: the Gateway API key, the token
+  sealing key, the operator key, the token-verification secret), and
+* every secret of the current call (:func:`call_secrets`: the user's token, while it is carried out),
+
+in their literal, ``repr``-escaped and JSON-escaped spellings, then anything shaped like a JWT, a
+``Bearer`` credential or a ``key=value`` secret. Secrets shorter than :data:`MIN_SECRET_LENGTH` are
+not registered (replacing them would mangle ordinary text; the settings refuse none of them, so
+check-config warns about short keys instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from workers.errors import SarkError
+
+__all__ = [
+    "MIN_SECRET_LENGTH",
+    "REDACTED",
+    "call_secrets",
+    "register_secret",
+    "scrub",
+    "scrub_error",
+    "scrub_value",
+]
+
+REDACTED = "[REDACTED]"
+MIN_SECRET_LENGTH = 6
+
+_PATTERNS = [
+    re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}"),  # JWTs
+    re.compile(r"(?i)(bearer\s+)[^\s'\",}]+"),
+    re.compile(r"(?i)((?:api[_-]?key|token|secret|password)['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
+]
+
+_process_secrets: set[str] = set()
+_call: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("sark_call_secrets", default=())
+
+
+def _spellings(secret: str) -> set[str]:
+    """The ways ``secret`` can appear in an exception's text (as is, repr/bytes-repr and JSON escaped)."""
+    forms = {secret, secret.encode("unicode_escape").decode("ascii"), json.dumps(secret)[1:-1]}
+    try:
+        forms.add(repr(secret.encode("latin-1"))[2:-1])
+    except UnicodeEncodeError:
+        forms.add(repr(secret.encode("utf-8"))[2:-1])
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
+def register_secret(value: str | None) -> None:
+    """Scrub ``value`` from every text of this process from now on (None and short values are ignored)."""
+    if value and len(value) >= MIN_SECRET_LENGTH:
+        _process_secrets.update(_spellings(value))
+
+
+@contextlib.contextmanager
+def call_secrets(*values: str | None) -> Iterator[None]:
+    """Scrub ``values`` (e.g. the user's token) from texts made in this context (task/thread)."""
+    forms = tuple(form for value in values if value for form in _spellings(value))
+    reset = _call.set(_call.get() + forms)
+    try:
+        yield
+    finally:
+        _call.reset(reset)
+
+
+def scrub(text: str, extra: Iterable[str | None] = ()) -> str:
+    """``text`` without any registered, current-call or ``extra`` secret, nor anything shaped like one."""
+    secrets = set(_process_secrets).union(_call.get())
+    for value in extra:
+        if value:
+            secrets.update(_spellings(value))
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: a secret may contain another
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
+    return text
+
+
+def scrub_value(value: Any, extra: Iterable[str | None] = ()) -> Any:
+    """``value`` (JSON-like) with every string in it scrubbed."""
+    extra = tuple(extra)
+    if isinstance(value, str):
+        return scrub(value, extra)
+    if isinstance(value, dict):
+        return {scrub(str(k), extra): scrub_value(v, extra) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_value(v, extra) for v in value]
+    return value
+
+
+def scrub_error(exc: SarkError, extra: Iterable[str | None] = ()) -> SarkError:
+    """A copy of ``exc`` (same class) whose message and detail hold no secret.
+
+    The copy has no ``__cause__`` or ``__context__``: a chained third-party exception would put its own
+    text into the traceback that Celery stores and Flower shows. Raise it ``from None``.
+    """
+    extra = tuple(extra)
+    clean = type(exc).__new__(type(exc))
+    SarkError.__init__(clean, scrub(exc.message, extra), scrub_value(exc.detail, extra))
+    clean.caller_caused = exc.caller_caused
+    return clean
