@@ -109,7 +109,8 @@ def check_security(registry: Registry, settings: Settings) -> list[Problem]:
     if settings.token_ttl <= settings.visibility_timeout:
         problems.append(Problem("warning", "settings.token_ttl",
                                 f"{settings.token_ttl}s is not above visibility_timeout "
-                                f"({settings.visibility_timeout}s): an invocation redelivered after a lost worker would find its sealed token expired"))
+                                f"({settings.visibility_timeout}s): an invocation redelivered after a lost worker "
+                                "would find its sealed token expired"))
     if settings.operator_key is None:
         problems.append(Problem("warning", "settings.operator_key",
                                 "no SARK_OPERATOR_KEY: the sark.breakers task refuses every reset (the CLI, which "
