@@ -6,6 +6,7 @@ import contextlib
 import os
 import ssl
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,6 +16,7 @@ from celery.result import AsyncResult
 
 from config.settings import Settings
 from workers.contract import TASK_INVOKE, TOKEN_HEADER
+from workers.tokens import seal_token
 
 
 @contextlib.contextmanager
@@ -39,6 +41,17 @@ def settings_with(env: Mapping[str, str]) -> Settings:
     return Settings(**{k.removeprefix("SARK_").lower(): v for k, v in merged.items() if k.startswith("SARK_")})
 
 
+def token_headers(token: str | None, task_id: str, key: str | None = None) -> dict[str, str] | None:
+    """Message headers carrying ``token`` sealed for ``task_id``, as an app does (the default mode).
+
+    ``key``: the sealing key (default: ``SARK_TOKEN_KEY`` of this process, set by the test stack).
+    """
+    if not token:
+        return None
+    key = key or os.environ["SARK_TOKEN_KEY"]
+    return {TOKEN_HEADER: seal_token(token, key, task_id)}
+
+
 def send_invoke(
     app: Celery,
     server: str,
@@ -50,8 +63,9 @@ def send_invoke(
 ) -> AsyncResult:
     """Enqueue ``sark.invoke`` by name, exactly as an app without this project would."""
     invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {}, **fields}
-    headers = {TOKEN_HEADER: token} if token else None
-    return app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers=headers)
+    task_id = str(uuid.uuid4())
+    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
+                         headers=token_headers(token, task_id))
 
 
 def invoke(app: Celery, server: str, tool: str, arguments: dict[str, Any] | None = None, *,

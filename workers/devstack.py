@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from typing import Any
 
 import httpx
 import redis
+from cryptography.fernet import Fernet
 
 __all__ = [
     "DevStack",
@@ -223,6 +225,10 @@ class DevStack:
         self.procs: list[Proc] = []
         self.redis: Proc | None = None
         self.gateway: Proc | None = None
+        # Keys of this stack only, generated fresh: tokens are sealed in broker messages (the default),
+        # the operator key signs breaker resets, user JWTs are verified with the Gateway's secret.
+        self.token_key = Fernet.generate_key().decode()
+        self.operator_key = secrets.token_urlsafe(32)
 
     def base_env(self) -> dict[str, str]:
         """Environment for children: this process's, plus the stack's ``SARK_*`` settings."""
@@ -230,6 +236,9 @@ class DevStack:
         env.update(
             SARK_GATEWAY_API_KEY=DEFAULT_API_KEY,
             SARK_GATEWAY_JWT_SECRET=DEFAULT_JWT_SECRET,
+            SARK_AUTH_HS256_SECRET=DEFAULT_JWT_SECRET,
+            SARK_TOKEN_KEY=self.token_key,
+            SARK_OPERATOR_KEY=self.operator_key,
             SARK_DISCOVERY_WAIT_MIN="0.05",
             SARK_DISCOVERY_WAIT_MAX="0.2",
             SARK_INVOKE_WAIT_MIN="0.05",

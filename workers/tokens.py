@@ -1,9 +1,27 @@
-"""The user's token on its way through the broker: optional encryption, expiry check at dequeue.
+"""The user's token on its way through the broker: checked, sealed, bound to its task, opened once.
 
-A token travels in the ``sark_token`` message header, never in task arguments. With an operator key
-(``SARK_TOKEN_KEY``, a Fernet key) the client encrypts it (``fernet:<ciphertext>``) so that reading the
-broker does not reveal it; workers holding the same key decrypt it. A JWT whose ``exp`` passed while the
-invocation waited in the queue is refused with :class:`TokenExpired` before any network call.
+A token travels in the ``sark_token`` message header, never in task arguments. By default it travels
+**sealed**: ``fernet:<ciphertext>``, where the ciphertext (Fernet: AES-128-CBC + HMAC-SHA256, with the
+time of sealing) holds ``{"v": 1, "tid": <task id>, "tok": <token>}``. So reading the broker, its
+unacked hash or its AOF file reveals no token; a sealed header copied onto another task is refused
+(the task id differs); and a sealed header older than ``SARK_TOKEN_TTL`` is refused. Workers refuse
+clear tokens unless ``SARK_ALLOW_CLEAR_TOKENS=true`` (development only).
+
+Sealing without this project (any app with ``cryptography``)::
+
+    payload = json.dumps({"v": 1, "tid": task_id, "tok": token})
+    header = "fernet:" + Fernet(key).encrypt(payload.encode()).decode()
+    app.send_task("sark.invoke", task_id=task_id, kwargs=..., headers={"sark_token": header})
+
+Every token is checked where it enters: the client refuses it before enqueueing, the worker after
+opening it (:func:`validate_token`): an RFC 6750 ``b64token`` (letters, digits, ``-._~+/``, trailing
+``=``) of at most ``SARK_MAX_TOKEN_BYTES``. A control character or a non-ASCII character would
+otherwise reach the HTTP stack, whose error text quotes the whole ``Authorization`` header. No error
+raised here ever includes the token.
+
+A JWT whose ``exp`` passed while the invocation waited is refused with :class:`TokenExpired` before any
+network call (the signature is checked by the target, or by :mod:`workers.authz` for servers with a
+policy).
 """
 
 from __future__ import annotations
@@ -11,45 +29,125 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import time
+from functools import lru_cache
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet
+from cryptography.fernet import InvalidToken as _BadFernet
 
-from workers.errors import InvalidInvocation, TokenExpired
+from workers.errors import InvalidToken, TokenExpired
 
-__all__ = ["ENCRYPTED_PREFIX", "check_not_expired", "open_token", "seal_token"]
+__all__ = [
+    "ENCRYPTED_PREFIX",
+    "check_not_expired",
+    "generate_key",
+    "open_token",
+    "seal_token",
+    "validate_token",
+]
 
 ENCRYPTED_PREFIX = "fernet:"
+_VERSION = 1
+#: RFC 6750 section 2.1 ``b64token``.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+#: Seconds a sealed token may claim to come from the future (clock skew between hosts).
+_FUTURE_SKEW = 60.0
 
 
-def seal_token(token: str, key: str | None) -> str:
-    """``token`` encrypted with ``key`` (unchanged when there is no key)."""
-    if not key:
-        return token
-    return ENCRYPTED_PREFIX + Fernet(key.encode()).encrypt(token.encode()).decode()
+def generate_key() -> str:
+    """A new random sealing key (``SARK_TOKEN_KEY``)."""
+    return Fernet.generate_key().decode()
 
 
-def open_token(value: str | None, key: str | None) -> str | None:
-    """The clear token from a header value (decrypting it when sealed).
+@lru_cache(maxsize=4)
+def _fernet(key: str) -> Fernet:
+    return Fernet(key.encode())
+
+
+def validate_token(token: object, *, max_bytes: int) -> str:
+    """``token`` if it is a well-formed bearer token.
 
     Raises:
-        InvalidInvocation: sealed but this worker has no key, or the key does not open it.
+        InvalidToken: not a string, empty, longer than ``max_bytes``, or holding characters outside
+            RFC 6750's ``b64token`` (control characters, spaces, non-ASCII…). The value is never echoed.
     """
-    if not value or not value.startswith(ENCRYPTED_PREFIX):
-        return value
+    if not isinstance(token, str):
+        raise InvalidToken(f"the token must be a string, got {type(token).__name__}")
+    if not token:
+        raise InvalidToken("the token is empty")
+    if len(token) > max_bytes:
+        raise InvalidToken(f"the token is {len(token)} characters long, limit is {max_bytes}",
+                           {"limit": max_bytes, "size": len(token)})
+    if _B64TOKEN.fullmatch(token) is None:
+        raise InvalidToken("the token holds characters a bearer token may not hold "
+                           "(RFC 6750: letters, digits, -._~+/ and trailing '=')")
+    return token
+
+
+def seal_token(token: str, key: str, task_id: str, *, now: float | None = None) -> str:
+    """``token`` sealed with ``key`` for the task ``task_id`` (the header value to send)."""
+    payload = json.dumps({"v": _VERSION, "tid": task_id, "tok": token}, separators=(",", ":")).encode()
+    fernet = _fernet(key)
+    sealed = fernet.encrypt(payload) if now is None else fernet.encrypt_at_time(payload, int(now))
+    return ENCRYPTED_PREFIX + sealed.decode()
+
+
+def open_token(
+    value: object, *, key: str | None, task_id: str, ttl: float, allow_clear: bool, max_bytes: int
+) -> str | None:
+    """The clear, validated token from a ``sark_token`` header value (None when there is none).
+
+    Raises:
+        InvalidToken: clear where clear tokens are refused; sealed but this worker has no key or the
+            wrong one; sealed for another task; sealed more than ``ttl`` seconds ago; or malformed.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidToken(f"the token header must be a string, got {type(value).__name__}")
+    if not value.startswith(ENCRYPTED_PREFIX):
+        if not allow_clear:
+            raise InvalidToken("clear tokens are refused: seal the token with SARK_TOKEN_KEY "
+                               "(SarkClient does; SARK_ALLOW_CLEAR_TOKENS=true accepts clear ones)")
+        return validate_token(value, max_bytes=max_bytes)
     if not key:
-        raise InvalidInvocation("the token is encrypted but this worker has no SARK_TOKEN_KEY")
+        raise InvalidToken("the token is sealed but this worker has no SARK_TOKEN_KEY")
+    if len(value) > 2 * max_bytes + 512:
+        raise InvalidToken(f"the sealed token is {len(value)} characters long, too long for a "
+                           f"{max_bytes}-character token", {"limit": max_bytes})
     try:
-        return Fernet(key.encode()).decrypt(value[len(ENCRYPTED_PREFIX):].encode()).decode()
-    except (InvalidToken, ValueError):
-        raise InvalidInvocation("the token could not be decrypted with this worker's SARK_TOKEN_KEY") from None
+        raw = value[len(ENCRYPTED_PREFIX):].encode("ascii")
+        fernet = _fernet(key)
+        payload = fernet.decrypt(raw)
+        sealed_at = fernet.extract_timestamp(raw)
+        data = json.loads(payload)
+    except (_BadFernet, ValueError, UnicodeError):
+        raise InvalidToken("the sealed token could not be opened with this worker's SARK_TOKEN_KEY") from None
+    if not (isinstance(data, dict) and data.get("v") == _VERSION and isinstance(data.get("tok"), str)
+            and isinstance(data.get("tid"), str)):
+        raise InvalidToken("the sealed token is not in the expected form (v, tid, tok)")
+    age = time.time() - sealed_at
+    if age > ttl:
+        raise InvalidToken(f"the sealed token is {age:.0f}s old, limit is {ttl:g}s (SARK_TOKEN_TTL)",
+                           {"age": round(age, 3), "limit": ttl})
+    if age < -_FUTURE_SKEW:
+        raise InvalidToken("the sealed token was sealed in the future (check the clocks)")
+    if data["tid"] != task_id:
+        raise InvalidToken("the sealed token belongs to another task: a sealed token is valid for the task "
+                           "it was sealed for only")
+    return validate_token(data["tok"], max_bytes=max_bytes)
 
 
 def _expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT, or None for anything else (opaque tokens, malformed JWTs).
+    """The ``exp`` claim of a JWT, or None for anything else (opaque tokens, JWTs without ``exp``).
 
-    The signature is not checked: the target does that. Only the payload segment is decoded
-    (base64url + JSON), which is all the expiry check needs and a fraction of a full PyJWT decode.
+    The signature is not checked here. Only the payload segment is decoded (base64url + JSON), which
+    is all the expiry check needs and a fraction of a full PyJWT decode.
+
+    Raises:
+        InvalidToken: the JWT's ``exp`` is not a finite time (``1e400``, ``10**400``, NaN).
     """
     parts = token.split(".")
     if len(parts) != 3:
@@ -57,10 +155,18 @@ def _expiry(token: str) -> float | None:
     segment = parts[1]
     try:
         claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return None
+    try:
+        value = float(exp)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise InvalidToken("the token's exp claim is not a valid time")
+    return value
 
 
 def check_not_expired(token: str | None, *, leeway: float = 0.0) -> None:
@@ -68,6 +174,7 @@ def check_not_expired(token: str | None, *, leeway: float = 0.0) -> None:
 
     Raises:
         TokenExpired: the JWT expired (``detail["expired_for"]`` says how long ago, in seconds).
+        InvalidToken: its ``exp`` is not a valid time.
     """
     if not token:
         return
