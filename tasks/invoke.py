@@ -14,6 +14,7 @@ from celery.exceptions import Reject
 from workers.app import app
 from workers.breaker import breaker_command
 from workers.contract import (
+    OPERATOR_HEADER,
     TASK_BREAKERS,
     TASK_GET_SERVER,
     TASK_HEALTH,
@@ -22,11 +23,20 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
-from workers.errors import Cancelled, CircuitOpen, InvalidInvocation, InvocationTimeout, SarkError, UnknownServer
+from workers.errors import (
+    Cancelled,
+    CircuitOpen,
+    InternalError,
+    InvalidInvocation,
+    InvocationTimeout,
+    SarkError,
+    UnknownServer,
+)
 from workers.invoker import execute
 from workers.keys import ATTEMPT_TTL, attempt_key
 from workers.runtime import Runtime, get_runtime
-from workers.tokens import open_token
+from workers.scrub import register_settings_secrets, scrub_error
+from workers.tokens import check_operator_signature
 
 __all__ = ["breakers", "get_server", "health", "invoke", "list_servers", "list_tools"]
 
@@ -38,17 +48,24 @@ _WAIT_MARGIN = 5.0
 
 
 def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Run a discovery/operator coroutine; its errors leave scrubbed, never chained, never untyped."""
+    register_settings_secrets(runtime.settings)
     try:
         return runtime.loop.run(coro, timeout=timeout)
     except TimeoutError:
         raise InvocationTimeout(f"no result within {timeout:g}s") from None
+    except SarkError as exc:
+        raise scrub_error(exc) from None
+    except Exception as exc:
+        log.exception("internal error")
+        raise InternalError(f"internal error in the worker ({type(exc).__name__}); see the worker log") from None
 
 
-def _token(task: Task, runtime: Runtime) -> str | None:
+def _header(task: Task, name: str) -> object:
+    """A message header (Celery puts custom headers on the request too, depending on the protocol)."""
     headers = task.request.headers or {}
-    value = headers.get(TOKEN_HEADER) or getattr(task.request, TOKEN_HEADER, None)
-    key = runtime.settings.token_key
-    return open_token(str(value) if value else None, key.get_secret_value() if key else None)
+    value = headers.get(name)
+    return value if value is not None else getattr(task.request, name, None)
 
 
 def _attempt(task: Task, runtime: Runtime, request_id: str) -> int:
@@ -83,7 +100,8 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     attempt = _attempt(self, runtime, request_id)
     if attempt > 1:
         log.warning("redelivered invocation %s (attempt %d): same request_id sent again", request_id, attempt)
-    coro = execute(runtime, invocation, token=_token(self, runtime), request_id=request_id, attempt=attempt)
+    coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
+                   attempt=attempt)
     try:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:
@@ -148,8 +166,17 @@ def health(self: Task) -> dict[str, Any]:
 
 @app.task(name=TASK_BREAKERS, bind=True, throws=(SarkError,))
 def breakers(self: Task, action: str = "list", target: str | None = None) -> list[dict[str, Any]]:
-    """List breakers, or reset one (``target="*"``: all) fleet-wide; returns their states."""
+    """List breakers, or reset one (``target="*"``: all) fleet-wide; returns their states.
+
+    Listing is open; anything else is an operator action: it needs the ``sark_operator`` header signed
+    with ``SARK_OPERATOR_KEY`` for this task, action and target, so an app that can merely enqueue
+    cannot close (or, later, open) a breaker for everyone.
+    """
     runtime = get_runtime()
+    if action != "list":
+        key = runtime.settings.operator_key
+        check_operator_signature(_header(self, OPERATOR_HEADER), key=key.get_secret_value() if key else None,
+                                 task_id=str(self.request.id), action=str(action), target=target)
     return _run(runtime, breaker_command(runtime.breakers, action, target), _WAIT_MARGIN + 5.0)
 
 

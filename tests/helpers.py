@@ -15,8 +15,8 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from config.settings import Settings
-from workers.contract import TASK_INVOKE, TOKEN_HEADER
-from workers.tokens import seal_token
+from workers.contract import OPERATOR_HEADER, TASK_INVOKE, TOKEN_HEADER
+from workers.tokens import operator_signature, seal_token
 
 
 @contextlib.contextmanager
@@ -50,6 +50,11 @@ def token_headers(token: str | None, task_id: str, key: str | None = None) -> di
         return None
     key = key or os.environ["SARK_TOKEN_KEY"]
     return {TOKEN_HEADER: seal_token(token, key, task_id)}
+
+
+def operator_headers(task_id: str, action: str, target: str | None, key: str | None = None) -> dict[str, str]:
+    """Headers signing an operator action (``sark.breakers`` reset) for ``task_id`` with ``SARK_OPERATOR_KEY``."""
+    return {OPERATOR_HEADER: operator_signature(key or os.environ["SARK_OPERATOR_KEY"], task_id, action, target)}
 
 
 def send_invoke(

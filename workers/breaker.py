@@ -20,6 +20,8 @@ until ``reset_timeout`` has passed; then *half-open* lets exactly ONE trial call
 whose success closes the breaker and whose failure opens it again. Only errors whose
 ``counts_as_failure`` is true count (transport failures, timeouts, 5xx); authorization denials,
 invalid invocations, 4xx and a tool's own ``isError`` count as successes (the target answered).
+Errors the caller brought on itself (``caller_caused``: a timeout shorter than the operator's for
+that server ran out) count as nothing at all, so no caller can open a breaker for everyone.
 
 **Cost.** A closed breaker with no failures costs no round trip at all while this process's change
 feed is live (:mod:`workers.breaker_watch`: every change is published by the script that makes it,
@@ -179,6 +181,10 @@ class CircuitBreaker:
         try:
             result = await func()
         except SarkError as exc:
+            if exc.caller_caused:
+                # The caller brought it on itself (its own too-short timeout): no verdict on the target.
+                await self._finish(decision, "release", None)
+                raise
             counts = bool(exc.counts_as_failure)
             await self._finish(decision, "failure" if counts else "success", exc)
             raise

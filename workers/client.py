@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -27,9 +28,9 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
-from workers.errors import Cancelled, InvocationTimeout, SarkError
+from workers.errors import Cancelled, InvalidToken, InvocationTimeout, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
-from workers.tokens import seal_token
+from workers.tokens import seal_token, validate_token
 
 __all__ = ["AsyncSarkClient", "InvocationHandle", "SarkClient", "wait_result"]
 
@@ -152,7 +153,14 @@ class SarkClient:
         stream: bool = False,
         timeout: float | None = None,
     ) -> InvocationHandle:
-        """Enqueue one invocation (validated by the worker before any network call)."""
+        """Enqueue one invocation (validated by the worker before any network call).
+
+        ``token`` is checked here (:func:`~workers.tokens.validate_token`) and sealed for this task with
+        ``SARK_TOKEN_KEY``; without a key it is sent in clear only when ``SARK_ALLOW_CLEAR_TOKENS`` is set.
+
+        Raises:
+            InvalidToken: a malformed token, or no key to seal it with.
+        """
         invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {}}
         if transport is not None:
             invocation["transport"] = transport
@@ -160,10 +168,20 @@ class SarkClient:
             invocation["stream"] = True
         if timeout is not None:
             invocation["timeout"] = timeout
-        key = self.settings.token_key
-        headers = {TOKEN_HEADER: seal_token(token, key.get_secret_value() if key else None)} if token else None
-        pending = self.app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers=headers)
+        task_id = str(uuid.uuid4())
+        headers = {TOKEN_HEADER: self._seal(token, task_id)} if token is not None else None
+        pending = self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, headers=headers)
         return InvocationHandle(self, pending)
+
+    def _seal(self, token: str, task_id: str) -> str:
+        s = self.settings
+        validate_token(token, max_bytes=s.max_token_bytes)
+        if s.token_key is not None:
+            return seal_token(token, s.token_key.get_secret_value(), task_id)
+        if s.allow_clear_tokens:
+            return token
+        raise InvalidToken("no SARK_TOKEN_KEY to seal the token with (workers refuse clear tokens unless "
+                           "SARK_ALLOW_CLEAR_TOKENS=true)")
 
     def list_servers(self, user_id: str | None = None, timeout: float = 30) -> list[GatewayServerInfo]:
         """Servers the Gateway knows."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "OPERATOR_HEADER",
     "TASK_BREAKERS",
     "TASK_GET_SERVER",
     "TASK_HEALTH",
@@ -29,3 +30,7 @@ TASK_BREAKERS: Final = "sark.breakers"
 
 #: Message header carrying the user's bearer token (never a task argument).
 TOKEN_HEADER: Final = "sark_token"
+
+#: Message header signing an operator-only request (``sark.breakers`` reset): hex HMAC-SHA256 with
+#: ``SARK_OPERATOR_KEY`` over ``"<task id>|<action>|<target>"`` (see :func:`workers.tokens.operator_signature`).
+OPERATOR_HEADER: Final = "sark_operator"

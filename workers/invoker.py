@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -10,7 +11,17 @@ from pydantic import ValidationError
 
 from config.registry import GatewayServer, StdioServer
 from config.settings import Settings
-from workers.errors import Cancelled, InvalidInvocation, PayloadTooLarge, ProtocolError, SarkError, UnknownServer
+from workers.authz import TokenVerifier, authorize
+from workers.errors import (
+    Cancelled,
+    InternalError,
+    InvalidInvocation,
+    InvocationTimeout,
+    PayloadTooLarge,
+    ProtocolError,
+    SarkError,
+    UnknownServer,
+)
 from workers.models import (
     Invocation,
     InvocationResult,
@@ -21,13 +32,24 @@ from workers.models import (
     parse_invocation,
 )
 from workers.runtime import Runtime
+from workers.scrub import call_secrets, register_settings_secrets, scrub_error
 from workers.streams import StreamPublisher
-from workers.tokens import check_not_expired
-from workers.transports.base import Call
+from workers.tokens import check_not_expired, open_token
+from workers.transports.base import Call, ToolOutcome
 
 __all__ = ["execute", "resolve", "resolve_timeout"]
 
 log = logging.getLogger("sark.invoke")
+
+_verifiers: dict[int, TokenVerifier] = {}
+
+
+def _verifier(settings: Settings) -> TokenVerifier:
+    """The token verifier for ``settings`` (keys read once per settings object)."""
+    verifier = _verifiers.get(id(settings))
+    if verifier is None:
+        verifier = _verifiers[id(settings)] = TokenVerifier(settings)
+    return verifier
 
 
 def resolve(
@@ -54,7 +76,16 @@ def resolve(
 
 
 def resolve_timeout(invocation: Invocation, server: GatewayServer | StdioServer, settings: Settings) -> float:
-    """Invocation timeout: the task's, else the server's, else the default; capped by the maximum."""
+    """Invocation timeout: the task's, else the server's, else the default; between the minimum and maximum.
+
+    Raises:
+        InvalidInvocation: the task asks for less than ``min_invoke_timeout`` or more than the maximum.
+    """
+    if invocation.timeout is not None and invocation.timeout < settings.min_invoke_timeout:
+        raise InvalidInvocation(
+            f"timeout {invocation.timeout:g}s is below the minimum {settings.min_invoke_timeout:g}s",
+            {"limit": settings.min_invoke_timeout},
+        )
     wanted = invocation.timeout or server.timeout or settings.invoke_timeout
     if wanted > settings.max_invoke_timeout:
         raise InvalidInvocation(
@@ -65,45 +96,71 @@ def resolve_timeout(invocation: Invocation, server: GatewayServer | StdioServer,
 
 
 async def execute(
-    runtime: Runtime, raw: object, *, token: str | None, request_id: str, attempt: int = 1
+    runtime: Runtime, raw: object, *, token_header: object, request_id: str, attempt: int = 1
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
+
+    ``token_header`` is the ``sark_token`` message header as received (sealed, clear or absent): it is
+    opened and checked here, so that a refused token ends a streamed invocation's stream too.
 
     A streamed invocation (``"stream": true``) publishes its chunks to its Redis Stream, and
     always a terminal entry: done (with the final result), error, or cancelled.
 
     Raises:
-        SarkError: any typed failure; nothing else escapes for foreseeable problems.
+        SarkError: any typed failure, scrubbed of every secret the worker holds (:mod:`workers.scrub`)
+            and never chained to a third-party exception; a fault of ours is :class:`InternalError`.
     """
-    if not (isinstance(raw, dict) and raw.get("stream")):
-        return await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt, publisher=None)
     s = runtime.settings
-    publisher = StreamPublisher(
-        runtime.redis,
-        request_id,
-        maxlen=s.stream_maxlen,
-        ttl=s.stream_ttl,
-        running_ttl=s.stream_ttl + int(s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max)),
-        max_chunks=s.max_stream_chunks,
-        max_bytes=s.max_stream_bytes,
-    )
-    await publisher.open()
-    try:
-        result = await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt,
-                                publisher=publisher)
-    except SarkError as exc:
-        await _end_stream(publisher, exc)
-        raise
-    except asyncio.CancelledError:
-        await _end_stream(publisher, Cancelled(
-            f"invocation {request_id} was interrupted (cancelled, or past the worker's deadline)",
-            {"request_id": request_id}))
-        raise
-    except Exception as exc:
-        await _end_stream(publisher, SarkError(f"internal error: {type(exc).__name__}"))
-        raise
-    await publisher.done(result.result)
-    return result
+    register_settings_secrets(s)
+    publisher: StreamPublisher | None = None
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(call_secrets(token_header if isinstance(token_header, str) else None))
+        try:
+            if isinstance(raw, dict) and raw.get("stream"):
+                publisher = StreamPublisher(
+                    runtime.redis,
+                    request_id,
+                    maxlen=s.stream_maxlen,
+                    ttl=s.stream_ttl,
+                    running_ttl=s.stream_ttl + int(s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max)),
+                    max_chunks=s.max_stream_chunks,
+                    max_bytes=s.max_stream_bytes,
+                )
+                await publisher.open()
+            token = open_token(
+                token_header,
+                key=s.token_key.get_secret_value() if s.token_key else None,
+                task_id=request_id,
+                ttl=s.token_ttl,
+                allow_clear=s.allow_clear_tokens,
+                max_bytes=s.max_token_bytes,
+            )
+            scope.enter_context(call_secrets(token))
+            result = await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt,
+                                    publisher=publisher)
+        except SarkError as exc:
+            error = scrub_error(exc)
+            if publisher is not None:
+                await _end_stream(publisher, error)
+            raise error from None
+        except asyncio.CancelledError:
+            if publisher is not None:
+                await _end_stream(publisher, Cancelled(
+                    f"invocation {request_id} was interrupted (cancelled, or past the worker's deadline)",
+                    {"request_id": request_id}))
+            raise
+        except Exception as exc:
+            # A bug of ours (or a library's exception we failed to translate): its text may quote a
+            # header, so it stays in the (scrubbed) worker log and the caller gets its type only.
+            log.exception("internal error in invocation %s", request_id)
+            internal = InternalError(f"internal error in the worker ({type(exc).__name__}); see the worker log",
+                                     {"request_id": request_id})
+            if publisher is not None:
+                await _end_stream(publisher, internal)
+            raise internal from None
+        if publisher is not None:
+            await publisher.done(result.result)
+        return result
 
 
 async def _end_stream(publisher: StreamPublisher, error: SarkError) -> None:
@@ -128,13 +185,26 @@ async def _execute(
     check_not_expired(token, leeway=settings.token_leeway)
     server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
     timeout = resolve_timeout(invocation, server, settings)
+    if server.policy is not None:
+        authorize(server.name, server.policy, token, _verifier(settings), settings)
     transport = runtime.transport(transport_name)
     sink = publisher.sink if publisher is not None else None
     call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token, sink=sink)
+    # A timeout shorter than the operator's for this server is the caller's choice: when it runs out,
+    # that says nothing about the target, and must not count against its fleet-wide breaker.
+    shortened = timeout < (server.timeout or settings.invoke_timeout)
+
+    async def carry_out() -> ToolOutcome:
+        try:
+            return await transport.invoke(call)
+        except InvocationTimeout as exc:
+            exc.caller_caused = shortened
+            raise
+
     started = time.perf_counter()
     # The breaker's half-open trial lease outlives every retry of this call (then a crashed caller frees it).
     lease = settings.invoke_attempts * (timeout + settings.invoke_wait_max) + 5.0
-    outcome = await runtime.breakers.call(server, lambda: transport.invoke(call), lease=lease)
+    outcome = await runtime.breakers.call(server, carry_out, lease=lease)
     duration_ms = (time.perf_counter() - started) * 1000.0
     size = json_size(outcome.result)
     if size > settings.max_result_bytes:

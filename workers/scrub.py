@@ -31,6 +31,7 @@ __all__ = [
     "REDACTED",
     "call_secrets",
     "register_secret",
+    "register_settings_secrets",
     "scrub",
     "scrub_error",
     "scrub_value",
@@ -113,3 +114,19 @@ def scrub_error(exc: SarkError, extra: Iterable[str | None] = ()) -> SarkError:
     SarkError.__init__(clean, scrub(exc.message, extra), scrub_value(exc.detail, extra))
     clean.caller_caused = exc.caller_caused
     return clean
+
+
+_registered_settings: set[int] = set()
+
+
+def register_settings_secrets(settings: Any) -> None:
+    """Register every secret field of a :class:`~config.settings.Settings` (once per settings object)."""
+    if id(settings) in _registered_settings:
+        return
+    from pydantic import SecretStr
+
+    for name in type(settings).model_fields:
+        value = getattr(settings, name, None)
+        if isinstance(value, SecretStr):
+            register_secret(value.get_secret_value())
+    _registered_settings.add(id(settings))

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -37,13 +39,15 @@ from functools import lru_cache
 from cryptography.fernet import Fernet
 from cryptography.fernet import InvalidToken as _BadFernet
 
-from workers.errors import InvalidToken, TokenExpired
+from workers.errors import AuthorizationDenied, InvalidToken, TokenExpired
 
 __all__ = [
     "ENCRYPTED_PREFIX",
     "check_not_expired",
+    "check_operator_signature",
     "generate_key",
     "open_token",
+    "operator_signature",
     "seal_token",
     "validate_token",
 ]
@@ -182,3 +186,26 @@ def check_not_expired(token: str | None, *, leeway: float = 0.0) -> None:
     if exp is not None and exp + leeway < time.time():
         raise TokenExpired("the user's token expired before the invocation could run",
                            {"expired_for": round(time.time() - exp, 3)})
+
+
+def operator_signature(key: str, task_id: str, action: str, target: str | None) -> str:
+    """The ``sark_operator`` header value authorizing ``action`` on ``target`` for the task ``task_id`` only."""
+    message = f"{task_id}|{action}|{target or ''}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def check_operator_signature(signature: object, *, key: str | None, task_id: str, action: str,
+                             target: str | None) -> None:
+    """Refuse an operator-only request that is not signed with this fleet's operator key.
+
+    Raises:
+        AuthorizationDenied: no key on this worker, no signature, or a signature made for another
+            task, action or target (a captured header cannot be replayed).
+    """
+    if not key:
+        raise AuthorizationDenied("operator actions are disabled: this worker has no SARK_OPERATOR_KEY",
+                                  {"status_code": 403})
+    expected = operator_signature(key, task_id, action, target)
+    if not isinstance(signature, str) or not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise AuthorizationDenied(f"breaker {action} needs the operator's signature (header sark_operator)",
+                                  {"status_code": 403})

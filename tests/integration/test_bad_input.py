@@ -6,6 +6,7 @@ included, with the operator's sealing key on), not in Flower's view of the event
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -13,11 +14,12 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.helpers import invoke, settings_with
+from tests.helpers import invoke, settings_with, token_headers
 from workers.contract import TASK_GET_SERVER, TASK_INVOKE, TASK_LIST_TOOLS, TOKEN_HEADER
 from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc
 from workers.errors import (
     InvalidInvocation,
+    InvalidToken,
     PayloadTooLarge,
     SarkError,
     TokenExpired,
@@ -47,6 +49,7 @@ BAD_INVOCATIONS: list[tuple[str, Any, type[SarkError]]] = [
     ("stdio transport for a Gateway server", {**OK, "transport": "stdio"}, InvalidInvocation),
     ("negative timeout", {**OK, "timeout": -5}, InvalidInvocation),
     ("timeout above the maximum", {**OK, "timeout": 10_000}, InvalidInvocation),
+    ("timeout below the minimum", {**OK, "timeout": 1e-9}, InvalidInvocation),
     ("stream not a bool", {**OK, "stream": "yes please"}, InvalidInvocation),
     ("unknown server", {**OK, "server": "nobody-home"}, UnknownServer),
     ("oversized arguments", {**OK, "arguments": {"blob": "y" * 1_200_000}}, PayloadTooLarge),
@@ -55,9 +58,12 @@ BAD_INVOCATIONS: list[tuple[str, Any, type[SarkError]]] = [
 
 
 def test_malformed_invocation_matrix(celery_client: Celery, user_token: str, worker: Proc) -> None:
-    pendings = [(name, celery_client.send_task(TASK_INVOKE, kwargs={"invocation": raw},
-                                               headers={TOKEN_HEADER: user_token}), expected)
-                for name, raw, expected in BAD_INVOCATIONS]
+    pendings = []
+    for name, raw, expected in BAD_INVOCATIONS:
+        task_id = str(uuid.uuid4())
+        pending = celery_client.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": raw},
+                                          headers=token_headers(user_token, task_id))
+        pendings.append((name, pending, expected))
     outcomes: Counter[str] = Counter()
     for name, pending, expected in pendings:
         if expected is SarkError:  # valid after all: must succeed (deep nesting is fine JSON)
@@ -93,8 +99,16 @@ def test_token_checks_at_dequeue(celery_client: Celery) -> None:
     with pytest.raises(ToolError) as denied:
         invoke(celery_client, "echo", "echo", token="not-a-jwt")  # opaque: the Gateway decides (401)
     assert denied.value.status_code == 401
-    with pytest.raises(InvalidInvocation, match="no SARK_TOKEN_KEY"):
-        invoke(celery_client, "echo", "echo", token="fernet:gAAAAABnot-really")
+    with pytest.raises(InvalidToken, match="could not be opened"):
+        celery_client.send_task(TASK_INVOKE, kwargs={"invocation": OK},
+                                headers={TOKEN_HEADER: "fernet:gAAAAABnot-really"}).get(timeout=30)
+    user = make_token(DEFAULT_JWT_SECRET, sub="clear-user")
+    with pytest.raises(InvalidToken, match="clear tokens are refused"):
+        celery_client.send_task(TASK_INVOKE, kwargs={"invocation": OK}, headers={TOKEN_HEADER: user}).get(timeout=30)
+    # A sealed header copied from another task's message is refused: it is bound to its own task.
+    stolen = token_headers(user, "some-other-task-id")
+    with pytest.raises(InvalidToken, match="another task"):
+        celery_client.send_task(TASK_INVOKE, kwargs={"invocation": OK}, headers=stolen).get(timeout=30)
 
 
 def _scan_redis(url: str, needle: bytes) -> list[str]:

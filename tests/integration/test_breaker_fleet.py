@@ -7,6 +7,7 @@ breaker state lives in Redis db 1 (the session's workers use db 0 and their own 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import redis
 from celery import Celery
 
 from tests.conftest import GatewayControl
-from workers.contract import TASK_BREAKERS, TASK_INVOKE, TOKEN_HEADER
+from tests.helpers import operator_headers, token_headers
+from workers.contract import TASK_BREAKERS, TASK_INVOKE
 from workers.devstack import DevStack, Proc, start_gateway, wait_for
 from workers.errors import CircuitOpen, ToolError
 from workers.keys import breaker_key
@@ -39,8 +41,9 @@ class Fleet:
 
     def send(self, queue: str, tool: str = "echo", arguments: dict[str, Any] | None = None) -> Any:
         invocation = {"server": "flaky", "tool": tool, "arguments": arguments or {"x": 1}}
-        return self.app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, queue=queue,
-                                  headers={TOKEN_HEADER: self.token})
+        task_id = str(uuid.uuid4())
+        return self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
+                                  headers=token_headers(self.token, task_id))
 
     def outcomes(self, queues: list[str], **kwargs: Any) -> list[str]:
         """Send one task per queue entry at once; each outcome's class name (or "ok")."""
@@ -159,7 +162,9 @@ def test_breaker_shared_by_the_fleet(fleet: Fleet) -> None:
 
 def test_retry_policy_requeues_after_the_open_time(fleet: Fleet) -> None:
     fleet.control.reset()
-    fleet.app.send_task(TASK_BREAKERS, kwargs={"action": "reset", "target": "*"}, queue="bk.a").get(timeout=10)
+    reset_id = str(uuid.uuid4())
+    fleet.app.send_task(TASK_BREAKERS, task_id=reset_id, kwargs={"action": "reset", "target": "*"}, queue="bk.a",
+                        headers=operator_headers(reset_id, "reset", "*")).get(timeout=10)
     fleet.control.mode("fail", status=502)
     assert fleet.outcomes(["bk.a", "bk.b", "bk.c", "bk.a"]) == ["ToolError"] * FAIL_MAX
     assert fleet.state()["state"] == "open"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import GatewayControl
-from tests.helpers import settings_with
+from tests.helpers import settings_with, token_headers
 from workers.client import wait_result
-from workers.contract import TASK_INVOKE, TOKEN_HEADER
+from workers.contract import TASK_INVOKE
 from workers.devstack import DevStack, Proc, start_redis, wait_for
 from workers.errors import InvocationTimeout, SarkError
 
@@ -78,7 +79,9 @@ class Tally:
 
 def _send(app: Celery, queue: str, token: str, tool: str, arguments: dict[str, Any]) -> AsyncResult:
     invocation = {"server": "echo", "tool": tool, "arguments": arguments}
-    return app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, queue=queue, headers={TOKEN_HEADER: token})
+    task_id = str(uuid.uuid4())
+    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
+                         headers=token_headers(token, task_id))
 
 
 @pytest.fixture()

@@ -3,6 +3,7 @@ into real Redis, and the client follows the invocation's Redis Stream."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import redis
 from celery import Celery
 
 from tests.conftest import GatewayControl
-from tests.helpers import send_invoke
+from tests.helpers import send_invoke, token_headers
 from workers import stream_client
 from workers.devstack import DevStack
 from workers.errors import PayloadTooLarge, ProtocolError, ToolError, UnknownServer
@@ -162,11 +163,13 @@ def test_failure_before_the_call_still_ends_the_stream(celery_client: Celery, us
 def test_stream_limits_keep_redis_bounded(stack: DevStack, celery_client: Celery, user_token: str) -> None:
     env = {"SARK_MAX_STREAM_CHUNKS": "100", "SARK_STREAM_TTL": "120"}
     with stack.running_worker("limited", env=env, queues="sark.limited", concurrency=2):
+        task_id = str(uuid.uuid4())
         pending = celery_client.send_task(
             "sark.invoke",
+            task_id=task_id,
             kwargs={"invocation": {"server": "echo-stream", "tool": "stream_data", "arguments": {"count": 500},
                                    "stream": True}},
-            headers={"sark_token": user_token},
+            headers=token_headers(user_token, task_id),
             queue="sark.limited",
         )
         with pytest.raises(PayloadTooLarge, match="100 chunks"):
@@ -195,11 +198,13 @@ def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
            "SARK_REGISTRY_PATH": registry}
     conn = redis.Redis.from_url(stack.redis.url)  # type: ignore[union-attr]
     first = stack.worker("doomed", env=env, queues="sark.redeliver", concurrency=2)
+    task_id = str(uuid.uuid4())
     pending = celery_client.send_task(
         "sark.invoke",
+        task_id=task_id,
         kwargs={"invocation": {"server": "echo-stream", "tool": "stream_data",
                                "arguments": {"count": 100, "interval": 0.01}, "stream": True}},
-        headers={"sark_token": user_token},
+        headers=token_headers(user_token, task_id),
         queue="sark.redeliver",
     )
     key = stream_key(pending.id)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from tests.helpers import send_invoke
+from tests.helpers import send_invoke, token_headers
 from workers import stream_client
 from workers.client import SarkClient
 from workers.devstack import wait_for
@@ -47,7 +47,7 @@ def test_subscriber_attached_before_the_task_starts(celery_client: Celery, user_
     reader = threading.Thread(target=lambda: got.extend(stream_client.stream(task_id, idle_timeout=WAIT)))
     reader.start()
     celery_client.send_task(
-        "sark.invoke", task_id=task_id, headers={"sark_token": user_token},
+        "sark.invoke", task_id=task_id, headers=token_headers(user_token, task_id),
         kwargs={"invocation": {"server": "echo-stream", "tool": "stream_data", "arguments": {"count": 25},
                                "stream": True}},
     )

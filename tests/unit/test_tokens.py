@@ -10,8 +10,15 @@ import jwt
 import pytest
 from cryptography.fernet import Fernet
 
-from workers.errors import InvalidInvocation, TokenExpired
-from workers.tokens import check_not_expired, open_token, seal_token
+from workers.errors import AuthorizationDenied, InvalidToken, TokenExpired
+from workers.tokens import (
+    check_not_expired,
+    check_operator_signature,
+    open_token,
+    operator_signature,
+    seal_token,
+    validate_token,
+)
 
 SECRET = "unit-test-secret-0123456789abcdef0123456789"
 
@@ -67,13 +74,95 @@ def test_unpadded_payload_of_every_length_is_read() -> None:
             check_not_expired(token)
 
 
-def test_sealed_token_round_trip_and_wrong_key() -> None:
-    key = Fernet.generate_key().decode()
-    sealed = seal_token("secret-token", key)
+KEY = Fernet.generate_key().decode()
+OPEN = {"key": KEY, "ttl": 60.0, "allow_clear": False, "max_bytes": 8192}
+
+
+def test_sealed_token_round_trip_bound_to_its_task() -> None:
+    sealed = seal_token("secret-token", KEY, "task-1")
     assert sealed.startswith("fernet:") and "secret-token" not in sealed
-    assert open_token(sealed, key) == "secret-token"
-    assert open_token("plain", None) == "plain"
-    with pytest.raises(InvalidInvocation):
-        open_token(sealed, None)
-    with pytest.raises(InvalidInvocation):
-        open_token(sealed, Fernet.generate_key().decode())
+    assert open_token(sealed, task_id="task-1", **OPEN) == "secret-token"
+    assert open_token(None, task_id="task-1", **OPEN) is None
+    with pytest.raises(InvalidToken, match="another task"):  # replayed onto another task
+        open_token(sealed, task_id="task-2", **OPEN)
+    with pytest.raises(InvalidToken, match="no SARK_TOKEN_KEY"):
+        open_token(sealed, task_id="task-1", **{**OPEN, "key": None})
+    with pytest.raises(InvalidToken, match="could not be opened"):
+        open_token(sealed, task_id="task-1", **{**OPEN, "key": Fernet.generate_key().decode()})
+    with pytest.raises(InvalidToken, match="could not be opened"):
+        open_token("fernet:gAAAAABnot-really", task_id="task-1", **OPEN)
+
+
+def test_sealed_token_expires_after_its_ttl() -> None:
+    old = seal_token("secret-token", KEY, "task-1", now=time.time() - 120)
+    with pytest.raises(InvalidToken, match="old, limit is 60s") as info:
+        open_token(old, task_id="task-1", **OPEN)
+    assert "secret-token" not in str(info.value.args)
+    future = seal_token("secret-token", KEY, "task-1", now=time.time() + 3600)
+    with pytest.raises(InvalidToken, match="future"):
+        open_token(future, task_id="task-1", **OPEN)
+
+
+def test_clear_tokens_are_refused_unless_allowed() -> None:
+    with pytest.raises(InvalidToken, match="clear tokens are refused"):
+        open_token("plain-token", task_id="t", **OPEN)
+    assert open_token("plain-token", task_id="t", **{**OPEN, "allow_clear": True}) == "plain-token"
+
+
+CANARY = "CanaryTok3n"
+MALFORMED = {
+    "trailing newline": CANARY + "\n",
+    "carriage return + header": CANARY + "\r\nX-Evil: 1",
+    "NUL": CANARY + "\x00",
+    "tab": CANARY + "\tx",
+    "space": CANARY + " x",
+    "non-ASCII": CANARY + "\u00e9",
+    "emoji": CANARY + "\U0001f600",
+    "1 MB": CANARY + "a" * 1_000_000,
+    "quote": CANARY + '"',
+    "not a string": 12345,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_tokens_are_refused_without_echo(name: str) -> None:
+    token = MALFORMED[name]
+    calls = [lambda: validate_token(token, max_bytes=8192),
+             lambda: open_token(token, task_id="t", **{**OPEN, "allow_clear": True})]
+    if isinstance(token, str):  # sealed by a careless app: refused once opened
+        calls.append(lambda: open_token(seal_token(token, KEY, "t"), task_id="t", **OPEN))
+    for call in calls:
+        with pytest.raises(InvalidToken) as info:
+            call()
+        assert CANARY not in repr(info.value.args) and CANARY not in str(info.value)
+
+
+@pytest.mark.parametrize("token", [
+    "...garbage", "a.b.c.garbage", "header.payload.signature", "opaque-api_token~1+/==",
+    f"h.{_segment(json.dumps({'sub': 'no-exp'}).encode())}.s",
+])
+def test_well_formed_odd_tokens_pass_validation(token: str) -> None:
+    assert validate_token(token, max_bytes=8192) == token
+    check_not_expired(token)
+
+
+@pytest.mark.parametrize("exp", ["10**400", "1e400", "-1e400", "NaN"])
+def test_exp_that_is_no_time_is_refused(exp: str) -> None:
+    payload = '{"exp": ' + exp.replace("10**400", "1" + "0" * 400) + "}"
+    token = f"h.{_segment(payload.encode())}.s"
+    with pytest.raises(InvalidToken, match="exp claim"):
+        check_not_expired(token)
+
+
+def test_operator_signature_binds_task_action_and_target() -> None:
+    signature = operator_signature("op-key-0123456789", "task-1", "reset", "*")
+    check_operator_signature(signature, key="op-key-0123456789", task_id="task-1", action="reset", target="*")
+    for task_id, action, target in (("task-2", "reset", "*"), ("task-1", "reset", "gateway:echo"),
+                                    ("task-1", "open", "*")):
+        with pytest.raises(AuthorizationDenied):
+            check_operator_signature(signature, key="op-key-0123456789", task_id=task_id, action=action,
+                                     target=target)
+    with pytest.raises(AuthorizationDenied, match="no SARK_OPERATOR_KEY"):
+        check_operator_signature(signature, key=None, task_id="task-1", action="reset", target="*")
+    with pytest.raises(AuthorizationDenied):
+        check_operator_signature(None, key="op-key-0123456789", task_id="task-1", action="reset", target="*")
