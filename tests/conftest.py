@@ -25,7 +25,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     workdir: Path = tmp_path_factory.mktemp("stack")
     registry = Path(__file__).with_name("servers.yaml")
     with DevStack(workdir, extra_env={"SARK_REGISTRY_PATH": str(registry)}) as st:
-        st.start()
+        st.start(record_headers=True)  # some tests check the headers the Gateway received
         st.apply_env()
         yield st
     for key in [k for k in os.environ if k.startswith("SARK_")]:

@@ -166,12 +166,29 @@ def start_redis(
     return proc
 
 
-def start_gateway(log_dir: Path, env: Mapping[str, str], *, port: int | None = None, prefix: str = "") -> Proc:
-    """The reference Gateway (``python -m workers.gateway``) on 127.0.0.1."""
+def start_gateway(
+    log_dir: Path,
+    env: Mapping[str, str],
+    *,
+    port: int | None = None,
+    prefix: str = "",
+    control: bool = True,
+    record_headers: bool = False,
+) -> Proc:
+    """The reference Gateway (``python -m workers.gateway``) on 127.0.0.1.
+
+    ``control`` serves ``/_control/*`` (tests, demo and benches drive failures and read counters);
+    ``record_headers`` also keeps request headers, tokens included: tests that check them ask for it.
+    Both are test-only switches, off in the Gateway itself: only these flags turn them on.
+    """
     port = port or free_port()
     argv = [sys.executable, "-m", "workers.gateway", "--port", str(port)]
     if prefix:
         argv += ["--prefix", prefix]
+    if control:
+        argv.append("--enable-control")
+    if record_headers:
+        argv.append("--record-headers")
     proc = _spawn(f"gateway-{port}", argv, log_dir, env)
     proc.url = f"http://127.0.0.1:{port}"
     health = f"{proc.url}/{prefix.strip('/')}/health".replace("//health", "/health")
@@ -252,12 +269,12 @@ class DevStack:
         env.update(self.extra_env)
         return env
 
-    def start(self, *, gateway: bool = True, appendonly: bool = False) -> DevStack:
-        """Start Redis and (optionally) the Gateway."""
+    def start(self, *, gateway: bool = True, appendonly: bool = False, record_headers: bool = False) -> DevStack:
+        """Start Redis and (optionally) the Gateway, with its control API (and header recording if asked)."""
         self.redis = start_redis(self.log_dir, appendonly=appendonly)
         self.procs.append(self.redis)
         if gateway:
-            self.gateway = start_gateway(self.log_dir, self.base_env())
+            self.gateway = start_gateway(self.log_dir, self.base_env(), record_headers=record_headers)
             self.procs.append(self.gateway)
         return self
 

@@ -1,5 +1,5 @@
 """The reference Gateway (an ASGI app implementing the Gateway REST contract)."""
 
-from workers.gateway.app import GatewayConfig, create_gateway, load_gateway_config, make_token
+from workers.gateway.app import GatewayConfig, GatewayConfigError, create_gateway, load_gateway_config, make_token
 
-__all__ = ["GatewayConfig", "create_gateway", "load_gateway_config", "make_token"]
+__all__ = ["GatewayConfig", "GatewayConfigError", "create_gateway", "load_gateway_config", "make_token"]

@@ -2,14 +2,20 @@
 
 It stands in front of configured MCP servers (built-in tools, and stdio MCP servers once the
 stdio transport provides them), checks the API key and the user's bearer JWT, and applies a simple
-allow/deny policy so that 401 and 403 paths are real. ``/_control/*`` lets tests make ``/invoke``
-fail, hang or drop on demand and read what it received.
+allow/deny policy so that 401 and 403 paths are real.
+
+Test-only switches, all off by default (a Gateway started without them has no way to reveal what
+it received): ``control_api`` serves ``/_control/*``, which lets tests make ``/invoke`` fail, hang or
+answer garbage on demand and read counters; ``record_headers`` also keeps the last request headers
+(API key and bearer token included) for ``/_control/stats``. It refuses to start without a JWT
+secret, and without an API key unless ``insecure_no_api_key`` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hmac
 import json
 import time
 from collections import Counter
@@ -20,7 +26,7 @@ from typing import Any, Literal
 
 import jwt
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -29,7 +35,7 @@ from starlette.routing import Route
 from workers.gateway.sse import sse_response
 from workers.gateway.tools import BUILTIN_TOOLS, STREAM_TOOLS, ToolFailure, text_result
 
-__all__ = ["GatewayConfig", "create_gateway", "load_gateway_config", "make_token"]
+__all__ = ["GatewayConfig", "GatewayConfigError", "create_gateway", "load_gateway_config", "make_token"]
 
 DEFAULT_GATEWAY_CONFIG = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
 
@@ -55,22 +61,65 @@ class DenyRule(BaseModel):
     reason: str = "denied by policy"
 
 
+#: HS256 keys shorter than the hash output are refused (RFC 7518 section 3.2: at least 256 bits).
+MIN_JWT_SECRET_CHARS = 32
+
+NO_JWT_SECRET = (
+    "no JWT secret: set SARK_GATEWAY_JWT_SECRET, pass --jwt-secret-file, or put jwt_secret in the config file"
+)
+NO_API_KEY = (
+    "no API key: set SARK_GATEWAY_API_KEY (or api_key in the config file); "
+    "only a throwaway local Gateway may run without one (--insecure-no-api-key)"
+)
+
+
+class GatewayConfigError(ValueError):
+    """The Gateway's configuration is missing a secret or does not validate."""
+
+
 class GatewayConfig(BaseModel):
-    """Reference Gateway configuration (``config/gateway.yaml``)."""
+    """Reference Gateway configuration (``config/gateway.yaml`` plus environment and flags)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    api_key: str | None = None
-    jwt_secret: str = "sark-dev-secret-change-me-in-production-000"
+    api_key: str | None = Field(default=None, repr=False)
+    jwt_secret: str = Field(min_length=MIN_JWT_SECRET_CHARS, repr=False)
+    insecure_no_api_key: bool = Field(default=False, description="accept any caller when api_key is unset")
+    control_api: bool = Field(default=False, description="test-only: serve /_control/*")
+    record_headers: bool = Field(default=False, description="test-only: keep request headers for /_control/stats")
     servers: dict[str, GatewayServerEntry] = Field(default_factory=dict)
     deny: list[DenyRule] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> GatewayConfig:
+        if not self.api_key and not self.insecure_no_api_key:
+            raise ValueError(NO_API_KEY)
+        if self.record_headers and not self.control_api:
+            raise ValueError("record_headers needs control_api (recorded headers are only read through it)")
+        return self
+
 
 def load_gateway_config(path: Path = DEFAULT_GATEWAY_CONFIG, **overrides: Any) -> GatewayConfig:
-    """Read the Gateway's YAML config; keyword overrides win (e.g. ``api_key``)."""
+    """Read the Gateway's YAML config; keyword overrides that are not None win (e.g. ``api_key``).
+
+    Raises:
+        GatewayConfigError: no JWT secret, no API key (without ``insecure_no_api_key``), or invalid.
+    """
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise GatewayConfigError(f"{path}: top level must be a mapping")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    return GatewayConfig.model_validate(raw)
+    if not raw.get("jwt_secret"):
+        raise GatewayConfigError(NO_JWT_SECRET)
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        # input values are never echoed: some of them are secrets
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors(include_input=False, include_url=False)
+        )
+        raise GatewayConfigError(problems) from None
 
 
 def make_token(secret: str, *, sub: str = "alice", teams: list[str] | None = None, ttl: float = 3600) -> str:
@@ -132,7 +181,10 @@ class ReferenceGateway:
         return None
 
     def _check_key(self, request: Request) -> Response | None:
-        if self.config.api_key and request.headers.get("x-api-key") != self.config.api_key:
+        if self.config.api_key is None:
+            return None  # only with insecure_no_api_key (the config refuses it otherwise)
+        given = request.headers.get("x-api-key", "").encode()
+        if not hmac.compare_digest(given, self.config.api_key.encode()):
             return JSONResponse({"error": "invalid or missing API key"}, status_code=401)
         return None
 
@@ -232,7 +284,8 @@ class ReferenceGateway:
         ctl = self.control
         ctl.invocations += 1
         ctl.request_ids[str(payload.get("request_id"))] += 1
-        ctl.headers_seen = [*ctl.headers_seen[-49:], {k.lower(): v for k, v in request.headers.items()}]
+        if self.config.record_headers:  # test-only: these hold the API key and the user's token
+            ctl.headers_seen = [*ctl.headers_seen[-49:], {k.lower(): v for k, v in request.headers.items()}]
         mode = ctl.take()
         if mode == "fail":
             return _error(ctl.status, ctl.body)
@@ -276,7 +329,7 @@ class ReferenceGateway:
         result["execution_time_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return JSONResponse(result)
 
-    # --- control (tests) --------------------------------------------------------------------------
+    # --- control (tests only: routed when config.control_api) --------------------------------------
     async def control_mode(self, request: Request) -> Response:
         if (denied := self._check_key(request)) is not None:
             return denied
@@ -311,20 +364,22 @@ class ReferenceGateway:
         return JSONResponse({"reset": True})
 
 
-def create_gateway(config: GatewayConfig | None = None) -> Starlette:
-    """The reference Gateway as an ASGI app."""
-    gateway = ReferenceGateway(config or load_gateway_config())
-    app = Starlette(
-        routes=[
-            Route("/health", gateway.health),
-            Route("/servers", gateway.list_servers),
-            Route("/servers/{server_id}", gateway.get_server),
-            Route("/tools", gateway.list_tools),
-            Route("/invoke", gateway.invoke, methods=["POST"]),
+def create_gateway(config: GatewayConfig) -> Starlette:
+    """The reference Gateway as an ASGI app (``/_control/*`` only when ``config.control_api``)."""
+    gateway = ReferenceGateway(config)
+    routes = [
+        Route("/health", gateway.health),
+        Route("/servers", gateway.list_servers),
+        Route("/servers/{server_id}", gateway.get_server),
+        Route("/tools", gateway.list_tools),
+        Route("/invoke", gateway.invoke, methods=["POST"]),
+    ]
+    if config.control_api:
+        routes += [
             Route("/_control/mode", gateway.control_mode, methods=["POST"]),
             Route("/_control/stats", gateway.control_stats),
             Route("/_control/reset", gateway.control_reset, methods=["POST"]),
         ]
-    )
+    app = Starlette(routes=routes)
     app.state.gateway = gateway
     return app
