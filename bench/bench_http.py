@@ -11,7 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.common import alternating_throughput, interleaved, ratio, round_trip, save, table, throughput
+from bench.common import (
+    alternating_throughput,
+    interleaved,
+    ratio,
+    round_trip,
+    save,
+    send_invocation,
+    table,
+    throughput,
+)
 from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
 
 
@@ -26,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.app import create_app
-    from workers.contract import TASK_INVOKE, TOKEN_HEADER
     from workers.gateway import make_token
 
     with DevStack() as stack:
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             return bare.post.apply_async((target, payload, headers))
 
         def send_invoke():  # type: ignore[no-untyped-def]
-            return sark.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers={TOKEN_HEADER: token})
+            return send_invocation(sark, invocation, token)
 
         for send in (send_noop, send_post, send_invoke):
             throughput(send, 200)  # warm every pool and connection first

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import ratio, save, throughput
+from bench.common import ratio, save, send_invocation, throughput
 from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 
 
@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.app import create_app
-    from workers.contract import TASK_INVOKE, TOKEN_HEADER
     from workers.gateway import make_token
 
     out: dict[str, float] = {}
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def send(seconds: float):  # type: ignore[no-untyped-def]
             invocation = {"server": "echo", "tool": "sleep", "arguments": {"seconds": seconds}}
-            return app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, headers={TOKEN_HEADER: token})
+            return send_invocation(app, invocation, token)
 
         one = stack.worker("scale-1", queues="sark.http", concurrency=args.per_worker)
         out["one_worker_per_s"] = throughput(lambda: send(0.05), args.n, in_flight=4 * args.per_worker)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.common import percentiles, save
+from bench.common import percentiles, save, send_invocation
 
 
 async def _in_process(redis_url: str, n: int) -> dict[str, dict[str, float]]:
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.app import create_app
-    from workers.contract import TASK_INVOKE, TOKEN_HEADER
     from workers.devstack import DEFAULT_JWT_SECRET, DevStack
     from workers.gateway import make_token
 
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.e2e + 30):
             for queue in ("bb.on", "bb.off") if i % 2 else ("bb.off", "bb.on"):
                 started = time.perf_counter()
-                app.send_task(TASK_INVOKE, kwargs={"invocation": invocation}, queue=queue,
-                              headers={TOKEN_HEADER: token}).get(timeout=30)
+                send_invocation(app, invocation, token, queue=queue).get(timeout=30)
                 if i >= 30:
                     e2e[queue].append((time.perf_counter() - started) * 1000)
         app.close()

@@ -10,9 +10,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from celery.result import AsyncResult
 
 RESULTS = Path(__file__).with_name("results")
+
+
+def send_invocation(app: Celery, invocation: dict[str, Any], token: str, **options: Any) -> AsyncResult:
+    """``sark.invoke`` as an app sends it by default: the token sealed for this task (SARK_TOKEN_KEY)."""
+    import os
+    import uuid
+
+    from workers.contract import TASK_INVOKE, TOKEN_HEADER
+    from workers.tokens import seal_token
+
+    task_id = str(uuid.uuid4())
+    header = seal_token(token, os.environ["SARK_TOKEN_KEY"], task_id)
+    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
+                         headers={TOKEN_HEADER: header}, **options)
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

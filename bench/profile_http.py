@@ -21,7 +21,7 @@ from pathlib import Path
 
 from celery.result import AsyncResult
 
-from bench.common import RESULTS, throughput
+from bench.common import RESULTS, send_invocation, throughput
 from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
 
 
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.app import create_app
-    from workers.contract import TASK_INVOKE, TOKEN_HEADER
     from workers.gateway import make_token
 
     # SARK_* settings given to this command reach the sark worker (for A/B runs of one setting).
@@ -91,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         invocation = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
         senders: dict[str, Callable[[], AsyncResult]] = {
             "bare": lambda: bare.post.apply_async((target, payload, headers)),
-            "sark": lambda: sark.send_task(TASK_INVOKE, kwargs={"invocation": invocation},
-                                           headers={TOKEN_HEADER: token}),
+            "sark": lambda: send_invocation(sark, invocation, token),
         }
         for send in senders.values():
             throughput(send, 100)  # warm up pools and sessions

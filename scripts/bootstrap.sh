@@ -32,3 +32,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import celery, mcp, workers, tasks, config" 
   touch "$stamp"
 fi
+
+# Safe by default: user tokens are sealed in broker messages and breaker resets need the operator key.
+# Both keys are generated once into .env (read by workers, clients and `sark`; mode 600, git-ignored);
+# keys already there are kept.
+.venv/bin/sark keygen --env-file .env

@@ -55,8 +55,12 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return 2
     token = args.token or (os.environ.get(args.token_env) if args.token_env else None)
     client = _client()
-    handle = client.invoke(args.server, args.tool, arguments, token=token, transport=args.transport,
-                           stream=args.stream, timeout=args.timeout)
+    try:
+        handle = client.invoke(args.server, args.tool, arguments, token=token, transport=args.transport,
+                               stream=args.stream, timeout=args.timeout)
+    except SarkError as exc:  # refused before enqueueing (e.g. a malformed token): nothing was sent
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     print(f"enqueued {handle.id}", file=sys.stderr)
     try:
         if args.stream:
@@ -171,6 +175,33 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Print new keys (SARK_TOKEN_KEY seals user tokens, SARK_OPERATOR_KEY signs operator tasks), or add the
+    missing ones to an env file (never replacing a key already there)."""
+    import secrets
+
+    from workers.tokens import generate_key
+
+    fresh = {"SARK_TOKEN_KEY": generate_key(), "SARK_OPERATOR_KEY": secrets.token_urlsafe(32)}
+    if not args.env_file:
+        for name, value in fresh.items():
+            print(f"{name}={value}")
+        return 0
+    from pathlib import Path
+
+    path = Path(args.env_file)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    present = {line.split("=", 1)[0].strip() for line in text.splitlines() if "=" in line}
+    missing = {name: value for name, value in fresh.items() if name not in present}
+    if missing:
+        lines = "".join(f"{name}={value}\n" for name, value in missing.items())
+        with path.open("a", encoding="utf-8") as out:
+            out.write(("" if not text or text.endswith("\n") else "\n") + lines)
+        path.chmod(0o600)
+    print(f"{path}: added {', '.join(missing) or 'nothing'} (keys already there are kept)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sark`` argument parser."""
     parser = argparse.ArgumentParser(prog="sark", description="sark-workers: MCP tool invocations on Celery.")
@@ -221,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate settings and registry", description=cmd_check_config.__doc__)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_check_config)
+
+    p = sub.add_parser("keygen", help="generate the token-sealing and operator keys", description=cmd_keygen.__doc__)
+    p.add_argument("--env-file", help="append the keys missing from this file (e.g. .env) instead of printing")
+    p.set_defaults(fn=cmd_keygen)
 
     p = sub.add_parser("demo", help="run the end-to-end demo", description=cmd_demo.__doc__)
     p.set_defaults(fn=cmd_demo)

@@ -22,7 +22,7 @@ from tests.conftest import GatewayControl
 from tests.helpers import operator_headers, token_headers
 from workers.contract import TASK_BREAKERS, TASK_INVOKE
 from workers.devstack import DevStack, Proc, start_gateway, wait_for
-from workers.errors import CircuitOpen, ToolError
+from workers.errors import AuthorizationDenied, CircuitOpen, InvalidInvocation, ToolError
 from workers.keys import breaker_key
 
 TARGET = "gateway:echo"
@@ -39,11 +39,14 @@ class Fleet:
     token: str
     workers: list[Proc]
 
-    def send(self, queue: str, tool: str = "echo", arguments: dict[str, Any] | None = None) -> Any:
-        invocation = {"server": "flaky", "tool": tool, "arguments": arguments or {"x": 1}}
+    def send(self, queue: str, tool: str = "echo", arguments: dict[str, Any] | None = None, *,
+             server: str = "flaky", timeout: float | None = None, token: str | None = None) -> Any:
+        invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {"x": 1}}
+        if timeout is not None:
+            invocation["timeout"] = timeout
         task_id = str(uuid.uuid4())
         return self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
-                                  headers=token_headers(self.token, task_id))
+                                  headers=token_headers(token or self.token, task_id))
 
     def outcomes(self, queues: list[str], **kwargs: Any) -> list[str]:
         """Send one task per queue entry at once; each outcome's class name (or "ok")."""
@@ -53,7 +56,7 @@ class Fleet:
             try:
                 result.get(timeout=30)
                 return "ok"
-            except (CircuitOpen, ToolError) as exc:
+            except (CircuitOpen, ToolError, InvalidInvocation) as exc:
                 return type(exc).__name__
 
         with ThreadPoolExecutor(len(results)) as pool:
@@ -87,6 +90,9 @@ def fleet(stack: DevStack, tmp_path_factory: pytest.TempPathFactory, user_token:
     registry = tmp / "servers.yaml"
     registry.write_text(
         "servers:\n  flaky:\n    transport: http\n    server_id: echo\n"
+        f"    breaker: {{fail_max: {FAIL_MAX}, reset_timeout: {RESET}}}\n"
+        # The same Gateway server (same breaker target) with an operator timeout of 1 s.
+        "  flaky-fast:\n    transport: http\n    server_id: echo\n    timeout: 1\n"
         f"    breaker: {{fail_max: {FAIL_MAX}, reset_timeout: {RESET}}}\n",
         encoding="utf-8",
     )
@@ -177,3 +183,53 @@ def test_retry_policy_requeues_after_the_open_time(fleet: Fleet) -> None:
     assert RESET * 0.5 < elapsed < RESET + 5
     assert fleet.state()["state"] == "closed"
     assert fleet.invocations() == FAIL_MAX + 1
+
+
+def test_a_caller_cannot_open_a_breaker_for_everyone(fleet: Fleet) -> None:
+    """Failures the caller caused never count: its own too-short timeout, bad input, 4xx, a refused token."""
+    fleet.control.reset()
+    fleet.redis.delete(breaker_key(TARGET))
+    many = [q for q in QUEUES for _ in range(2)]  # 6 > FAIL_MAX, spread over the three processes
+    # timeout: 1e-9 is refused before any call (below SARK_MIN_INVOKE_TIMEOUT).
+    assert fleet.outcomes(many, timeout=1e-9) == ["InvalidInvocation"] * 6
+    assert fleet.invocations() == 0
+    # The caller's own 1 s timeout (the operator allows 30 s) runs out against a hanging target: no verdict.
+    fleet.control.mode("hang")
+    assert fleet.outcomes(many, timeout=1.0) == ["InvocationTimeout"] * 6
+    assert fleet.state().get("failures", "0") == "0" and fleet.state().get("state", "closed") == "closed"
+    # 4xx answers and a token the target refuses (401) are the caller's problem too.
+    fleet.control.mode("fail", status=400, body={"error": "bad arguments"})
+    assert fleet.outcomes(many) == ["ToolError"] * 6
+    fleet.control.mode("ok")
+    assert fleet.outcomes(many, token="not-a-jwt") == ["ToolError"] * 6
+    assert fleet.state().get("state", "closed") == "closed" and fleet.state().get("failures", "0") == "0"
+    # Control: when the operator's own timeout runs out, the target is at fault and the breaker opens.
+    fleet.control.mode("hang")
+    assert fleet.outcomes(["bk.a", "bk.b", "bk.c", "bk.a"], server="flaky-fast") == ["InvocationTimeout"] * FAIL_MAX
+    assert fleet.state()["state"] == "open"
+    assert fleet.outcomes(["bk.b"]) == ["CircuitOpen"]
+    fleet.control.mode("ok")
+    fleet.redis.delete(breaker_key(TARGET))
+
+
+def test_breaker_reset_task_needs_the_operator_signature(fleet: Fleet) -> None:
+    fleet.redis.hset(breaker_key(TARGET), mapping={"state": "open", "failures": FAIL_MAX, "opened_at": 1})
+
+    def reset(headers: dict[str, str] | None, target: str = TARGET, task_id: str | None = None) -> Any:
+        task_id = task_id or str(uuid.uuid4())
+        return fleet.app.send_task(TASK_BREAKERS, task_id=task_id, kwargs={"action": "reset", "target": target},
+                                   queue="bk.a", headers=headers).get(timeout=10)
+
+    with pytest.raises(AuthorizationDenied, match="operator"):
+        reset(None)  # any app that can enqueue
+    with pytest.raises(AuthorizationDenied):
+        reset(operator_headers(str(uuid.uuid4()), "reset", TARGET))  # a captured signature of another task
+    with pytest.raises(AuthorizationDenied):
+        reset(operator_headers(str(uuid.uuid4()), "reset", "*"), task_id=None)
+    with pytest.raises(AuthorizationDenied):
+        reset(operator_headers(str(uuid.uuid4()), "reset", TARGET, key="wrong-key-0123456789"))
+    assert fleet.state()["state"] == "open"
+    task_id = str(uuid.uuid4())
+    rows = reset(operator_headers(task_id, "reset", TARGET), task_id=task_id)
+    assert [row["state"] for row in rows] == ["closed"]
+    assert fleet.state().get("state", "closed") == "closed"
