@@ -27,6 +27,7 @@ from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
 from workers.logs import configure_logging
 from workers.models import default_transport
 from workers.runtime import close_runtime, current_runtime, get_runtime
+from workers.taskbase import task_class
 
 __all__ = ["app", "create_app"]
 
@@ -84,7 +85,9 @@ class InvocationRouter:
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from ``settings`` (default: the environment)."""
     settings = settings or get_settings()
-    celery = Celery("sark", broker=settings.broker_url, backend=settings.backend_url, include=["tasks.invoke"])
+    # Every task gets the sark base class: what events, logs and Flower show of it (workers/taskbase.py).
+    celery = Celery("sark", broker=settings.broker_url, backend=settings.backend_url, include=["tasks.invoke"],
+                    task_cls=task_class(settings.show_task_details))
     celery.conf.update(
         # Redis brokers: kombu's transport with the broker-restart race closed (workers/broker.py).
         broker_transport=broker_transport(settings.broker_url),
@@ -132,7 +135,7 @@ app = create_app()
 def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     settings = get_settings()
     level = loglevel if isinstance(loglevel, str) else logging.getLevelName(loglevel or settings.log_level)
-    configure_logging(str(level), settings.log_json)
+    configure_logging(str(level), settings.log_json, show_details=settings.show_task_details)
 
 
 @worker_init.connect
