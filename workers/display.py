@@ -30,6 +30,8 @@ __all__ = ["Shown", "call_reprs", "error_repr", "invocation_repr", "result_repr"
 
 #: Longest repr of values shown with ``show_task_details`` (Celery's own default for argsrepr).
 MAX_REPR = 1024
+#: Nesting shown with details (saferepr's default 3 stops above an MCP result's text: result.content[0].text).
+_LEVELS = 8
 #: Argument names shown before ``…``, and the longest name shown whole: names are the caller's text too.
 MAX_NAMES = 20
 MAX_NAME = 64
@@ -62,7 +64,11 @@ def call_reprs(task: str, args: Any, kwargs: Any, *, details: bool) -> tuple[str
         if invocation is None and isinstance(args, list | tuple) and args:
             invocation = args[0]
         return "()", invocation_repr(invocation)
-    return scrub(saferepr(args, MAX_REPR)), scrub(saferepr(kwargs, MAX_REPR))
+    return _shown(args), _shown(kwargs)
+
+
+def _shown(value: Any) -> str:
+    return scrub(saferepr(value, MAX_REPR, maxlevels=_LEVELS))
 
 
 def _size(value: Any) -> int:
@@ -72,7 +78,7 @@ def _size(value: Any) -> int:
 def result_repr(task: str, value: Any, *, details: bool) -> str:
     """A task's return value as shown: its kind and size (``details``: the value, scrubbed)."""
     if details:
-        return scrub(saferepr(value, MAX_REPR))
+        return _shown(value)
     if task == TASK_INVOKE and isinstance(value, Mapping):
         return f"InvocationResult(is_error={bool(value.get('is_error'))}, {_size(value.get('result'))} bytes)"
     if value is None or isinstance(value, bool):
@@ -92,7 +98,7 @@ def error_repr(exc: BaseException, *, details: bool) -> str:
         inner = exc.exc if isinstance(exc.exc, BaseException) else None
         return f"Retry({error_repr(inner, details=details) if inner is not None else ''})"
     if details or type(exc).__module__ in _WORKER_ERROR_MODULES:
-        return scrub(saferepr(exc, MAX_REPR))
+        return _shown(exc)
     if isinstance(exc, UnpickleableExceptionWrapper):
         return str(exc.exc_cls_name)
     if isinstance(exc, SarkError):
