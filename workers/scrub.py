@@ -50,13 +50,23 @@ _process_secrets: set[str] = set()
 _call: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("sark_call_secrets", default=())
 
 
+#: Characters some quoting scheme (repr, bytes repr, JSON, unicode_escape) may rewrite.
+_ESCAPED = re.compile(r"[^\x21-\x7e]|[\"'\\]")
+
+
 def _spellings(secret: str) -> set[str]:
-    """The ways ``secret`` can appear in an exception's text (as is, repr/bytes-repr and JSON escaped)."""
-    forms = {secret, secret.encode("unicode_escape").decode("ascii"), json.dumps(secret)[1:-1]}
+    """The ways ``secret`` can appear in an exception's text.
+
+    As is, ``repr``/bytes-``repr``/JSON/``unicode_escape`` escaped, and, whatever the quoting scheme,
+    each run of it between characters such a scheme may rewrite (so ``"abc…\n"`` quoted any way still
+    loses its ``abc…`` part).
+    """
+    forms = {secret, repr(secret)[1:-1], secret.encode("unicode_escape").decode("ascii"), json.dumps(secret)[1:-1]}
     try:
         forms.add(repr(secret.encode("latin-1"))[2:-1])
     except UnicodeEncodeError:
         forms.add(repr(secret.encode("utf-8"))[2:-1])
+    forms.update(_ESCAPED.split(secret))
     return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
 
 
