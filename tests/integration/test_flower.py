@@ -177,22 +177,42 @@ def test_inspect_shows_names_not_values(worker: Proc, celery_client: Celery, use
         assert (info["args"], info["kwargs"]) == ("()", "echo.sleep(seconds)"), info
 
 
+def _send_to(app: Celery, queue: str, server: str, arguments: dict[str, Any], token: str) -> Any:
+    task_id = str(uuid.uuid4())
+    invocation = {"server": server, "tool": "echo", "arguments": arguments}
+    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
+                         headers=token_headers(token, task_id), queue=queue)
+
+
+def test_prefork_worker_shows_the_same(stack: DevStack, flower: str, celery_client: Celery, user_token: str) -> None:
+    """Celery's default pool: results are summarised in the child, errors reach the parent pickled."""
+    queue = "sark.prefork"
+    proc = stack.worker("prefork", queues=queue, pool="prefork", concurrency=1)
+    shown = _send_to(celery_client, queue, "echo", {"text": VALUE}, user_token)
+    assert VALUE in str(shown.get(timeout=30))
+    denied = _send_to(celery_client, queue, "restricted", {"why": VALUE}, user_token)
+    with pytest.raises(AuthorizationDenied):
+        denied.get(timeout=30)
+    _wait_done(flower, {shown.id, denied.id})
+    tasks = _api_tasks(flower)
+    assert tasks[shown.id]["kwargs"] == "echo.echo(text)"
+    assert SUMMARY.match(tasks[shown.id]["result"]), tasks[shown.id]["result"]
+    assert tasks[denied.id]["exception"] == "AuthorizationDenied(authorization_denied)"
+    for task_id in (shown.id, denied.id):
+        text = _everything_flower_shows(flower, task_id)
+        assert VALUE not in text and "alice" not in text
+    assert VALUE not in proc.log() and "alice" not in proc.log()
+
+
 def test_show_task_details_shows_scrubbed_values(stack: DevStack, flower: str, celery_client: Celery,
                                                  user_token: str) -> None:
     """``SARK_SHOW_TASK_DETAILS=true``: Flower shows values and error text, still without secrets."""
     queue = "sark.details"
     stack.worker("details", queues=queue, concurrency=2, env={"SARK_SHOW_TASK_DETAILS": "true"})
     jwt_shaped = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZXRhaWxzIn0.details-canary-signature"
-
-    def send(server: str, arguments: dict[str, Any]) -> Any:
-        task_id = str(uuid.uuid4())
-        invocation = {"server": server, "tool": "echo", "arguments": arguments}
-        return celery_client.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
-                                       headers=token_headers(user_token, task_id), queue=queue)
-
-    shown = send("echo", {"text": VALUE, "note": jwt_shaped})
+    shown = _send_to(celery_client, queue, "echo", {"text": VALUE, "note": jwt_shaped}, user_token)
     shown.get(timeout=30)
-    denied = send("restricted", {"why": VALUE})
+    denied = _send_to(celery_client, queue, "restricted", {"why": VALUE}, user_token)
     with pytest.raises(AuthorizationDenied):
         denied.get(timeout=30)
     _wait_done(flower, {shown.id, denied.id})
