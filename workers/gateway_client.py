@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from http.cookiejar import Cookie, CookieJar
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -23,20 +24,24 @@ from workers.asyncio_backend import asyncio_pool, transport_on
 from workers.errors import (
     AuthorizationDenied,
     GatewayUnavailable,
+    InvalidInvocation,
     InvocationTimeout,
+    PayloadTooLarge,
     ProtocolError,
     SarkError,
     ToolError,
 )
-from workers.json_post import JsonPost
+from workers.json_post import ERROR_BODY_BYTES, JsonPost, decoded, read_head, read_limited
 from workers.models import GatewayServerInfo, GatewayToolInfo, describe_validation_error
 
-__all__ = ["GatewayClient", "NoCookies"]
+__all__ = ["GatewayClient", "NoCookies", "server_path"]
 
 log = logging.getLogger("sark.gateway_client")
 
 M = TypeVar("M", bound=BaseModel)
 _SNIPPET = 200
+#: Longest ``server_id`` put into a URL (the registry's pattern allows 256 characters).
+_MAX_SERVER_ID = 256
 
 
 def _snippet(body: bytes) -> str:
@@ -55,6 +60,24 @@ def _error_field(body: bytes, field: str) -> str:
         if value is not None:
             return value if isinstance(value, str) else json.dumps(value)[:_SNIPPET]
     return _snippet(body)
+
+
+def server_path(server_id: object) -> str:
+    """``/servers/{server_id}`` with the id quoted as exactly one path segment.
+
+    Unquoted, ``../_control/stats`` would reach another endpoint of the Gateway; ``.`` and ``..``
+    are dot segments even when quoted, so they are refused.
+
+    Raises:
+        InvalidInvocation: not a string, empty, ``.`` or ``..``, or over 256 characters (the value
+            is not repeated in the message).
+    """
+    if not isinstance(server_id, str) or server_id in ("", ".", "..") or len(server_id) > _MAX_SERVER_ID:
+        raise InvalidInvocation(
+            f"server_id must be a non-empty string of at most {_MAX_SERVER_ID} characters, not '.' or '..'",
+            {"what": "server_id"},
+        )
+    return "/servers/" + quote(server_id, safe="")
 
 
 class NoCookies(CookieJar):
@@ -120,23 +143,46 @@ class GatewayClient:
     async def _request(
         self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any
     ) -> tuple[httpx.Response, bytes]:
-        """Send one discovery/health request; return the response and its body.
+        """Send one discovery/health request; return the response and its body (read with caps).
 
-        Invocations do not come here: they go through :class:`~workers.json_post.JsonPost`, which
-        also enforces the result size cap.
+        Invocations do not come here: they go through :class:`~workers.json_post.JsonPost`.
+
+        Raises:
+            PayloadTooLarge: a success body over ``max_result_bytes`` (an error body is cut instead).
         """
         request = self.http.build_request(
-            method, path, timeout=httpx.Timeout(timeout) if timeout else httpx.USE_CLIENT_DEFAULT, **kwargs
+            method, path, timeout=httpx.Timeout(timeout) if timeout else httpx.USE_CLIENT_DEFAULT,
+            headers={"Accept-Encoding": "gzip"},  # the only coding decoded() inflates under a cap
+            **kwargs,
         )
+        what = f"{method} {path[:80]}"  # a server id can be long: never repeated at length
         try:
-            response = await self.http.send(request)
+            response = await self.http.send(request, stream=True)
+            try:
+                return response, await self._read(response, what)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException as exc:
             raise InvocationTimeout(
-                f"Gateway did not answer {method} {path} within {timeout or self._settings.gateway_timeout}s"
+                f"Gateway did not answer {what} within {timeout or self._settings.gateway_timeout}s"
             ) from exc
         except httpx.TransportError as exc:
             raise GatewayUnavailable(f"cannot reach the Gateway ({type(exc).__name__}: {exc})") from exc
-        return response, response.content
+
+    async def _read(self, response: httpx.Response, what: str) -> bytes:
+        pieces = decoded(response.aiter_raw(), response.headers.get("content-encoding", "identity"))
+        if response.status_code >= 400:
+            return await read_head(pieces, ERROR_BODY_BYTES)
+        limit = self._settings.max_result_bytes
+
+        def too_large() -> PayloadTooLarge:
+            return PayloadTooLarge(f"Gateway answer to {what} exceeds {limit} bytes", {"limit": limit,
+                                                                                      "what": "discovery"})
+
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large()
+        return await read_limited(pieces, limit, too_large)
 
     @staticmethod
     def _json(body: bytes, what: str) -> Any:
@@ -188,10 +234,15 @@ class GatewayClient:
         return result
 
     async def get_server_info(self, server_id: str) -> GatewayServerInfo | None:
-        """``GET /servers/{id}``; None when the Gateway says 404."""
+        """``GET /servers/{id}``; None when the Gateway says 404.
+
+        Raises:
+            InvalidInvocation: ``server_id`` cannot be one path segment (see :func:`server_path`).
+        """
+        path = server_path(server_id)
 
         async def call() -> GatewayServerInfo | None:
-            response, body = await self._request("GET", f"/servers/{server_id}")
+            response, body = await self._request("GET", path)
             if response.status_code == 404:
                 return None
             self._raise_for_status(response.status_code, body, "get_server_info")

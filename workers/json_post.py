@@ -10,12 +10,16 @@ layer. Everything else (discovery, health, SSE) keeps using the ``httpx.AsyncCli
 The answer is read with a size cap (declared ``Content-Length`` first, then as it arrives), gzip is
 accepted and decoded under the same cap, and httpcore's errors become :mod:`workers.errors`:
 timeouts → :class:`InvocationTimeout`; connection and protocol failures → :class:`GatewayUnavailable`.
+An error answer (status >= 400) is only read up to :data:`ERROR_BODY_BYTES`: its message is all that
+is used. The bounded readers (:func:`decoded`, :func:`read_limited`, :func:`read_head`) also serve
+the discovery calls and the SSE transport, which read through httpx.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 import httpcore
@@ -23,7 +27,15 @@ import httpx
 
 from workers.errors import GatewayUnavailable, InvocationTimeout, PayloadTooLarge, ProtocolError
 
-__all__ = ["JsonPost"]
+__all__ = ["ERROR_BODY_BYTES", "JsonPost", "decoded", "read_head", "read_limited"]
+
+#: Bytes of an error answer that are read: enough for its message (cut to 200 characters anyway),
+#: never the megabytes a broken or hostile server may send with a 5xx.
+ERROR_BODY_BYTES = 4_096
+
+#: Most bytes one inflate step may produce, whatever the compression ratio (gzip reaches ~1000:1,
+#: so one 64 KiB network read could otherwise expand to ~64 MB before any cap is checked).
+_INFLATE_STEP = 65_536
 
 
 def _too_large(limit: int, size: int | None = None) -> PayloadTooLarge:
@@ -32,6 +44,62 @@ def _too_large(limit: int, size: int | None = None) -> PayloadTooLarge:
         detail["size"] = size
         return PayloadTooLarge(f"result is {size} bytes, limit is {limit}", detail)
     return PayloadTooLarge(f"result exceeds {limit} bytes", detail)
+
+
+def decoded(raw: AsyncIterable[bytes], encoding: str | bytes) -> AsyncIterable[bytes]:
+    """The pieces of a body with its content coding (identity or gzip) removed.
+
+    gzip is inflated at most :data:`_INFLATE_STEP` bytes at a time, so a gzip bomb costs no more
+    memory than what the caller's cap lets it keep.
+
+    Raises:
+        ProtocolError: another coding (at once), or corrupt or truncated gzip (while reading).
+    """
+    name = (encoding.decode("latin-1") if isinstance(encoding, bytes) else encoding).strip().lower()
+    if name in ("", "identity"):
+        return raw
+    if name != "gzip":
+        raise ProtocolError(f"Gateway answered with content-encoding {name[:40]!r}, which was not asked for")
+    return _inflate(raw)
+
+
+async def _inflate(raw: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    async for piece in raw:
+        while piece and not inflate.eof:
+            try:
+                out = inflate.decompress(piece, _INFLATE_STEP)
+            except zlib.error as exc:
+                raise ProtocolError(f"Gateway sent corrupt gzip: {exc}") from None
+            piece = inflate.unconsumed_tail
+            if out:
+                yield out
+    if not inflate.eof:
+        raise ProtocolError("Gateway sent truncated gzip")
+
+
+async def read_limited(pieces: AsyncIterable[bytes], limit: int | None, too_large: Callable[[], Exception]) -> bytes:
+    """All of ``pieces``, raising ``too_large()`` as soon as they pass ``limit`` bytes (None: no limit)."""
+    parts: list[bytes] = []
+    size = 0
+    async for piece in pieces:
+        size += len(piece)
+        if limit is not None and size > limit:
+            raise too_large()
+        parts.append(piece)
+    return b"".join(parts)
+
+
+async def read_head(pieces: AsyncIterable[bytes], limit: int) -> bytes:
+    """The first ``limit`` bytes of ``pieces``; the rest is never read (close the response after)."""
+    parts: list[bytes] = []
+    size = 0
+    async for piece in pieces:
+        parts.append(piece[: limit - size])
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return b"".join(parts)
 
 
 class JsonPost:
@@ -94,33 +162,11 @@ class JsonPost:
     @staticmethod
     async def _read(response: httpcore.Response, max_bytes: int | None) -> bytes:
         fields = {name.lower(): value for name, value in response.headers}
+        stream: Any = response.stream
+        pieces = decoded(stream, fields.get(b"content-encoding", b"identity"))
+        if response.status >= 400:
+            return await read_head(pieces, ERROR_BODY_BYTES)
         declared = fields.get(b"content-length", b"")
         if max_bytes is not None and declared.isdigit() and int(declared) > max_bytes:
             raise _too_large(max_bytes, int(declared))
-        encoding = fields.get(b"content-encoding", b"identity").strip().lower()
-        if encoding not in (b"identity", b"gzip"):
-            raise ProtocolError(f"Gateway answered with content-encoding {encoding.decode(errors='replace')!r}, "
-                                "which was not asked for")
-        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == b"gzip" else None
-        parts: list[bytes] = []
-        size = 0
-        stream: Any = response.stream
-        async for piece in stream:
-            if inflate is not None:
-                try:  # inflate at most what is still allowed, so a gzip bomb never expands in memory
-                    piece = inflate.decompress(piece, (max_bytes - size + 1) if max_bytes is not None else 0)
-                except zlib.error as exc:
-                    raise ProtocolError(f"Gateway sent corrupt gzip: {exc}") from None
-            size += len(piece)
-            if max_bytes is not None and size > max_bytes:
-                raise _too_large(max_bytes)
-            parts.append(piece)
-        if inflate is not None:
-            if not inflate.eof:
-                raise ProtocolError("Gateway sent truncated gzip")
-            tail = inflate.flush()
-            size += len(tail)
-            if max_bytes is not None and size > max_bytes:
-                raise _too_large(max_bytes)
-            parts.append(tail)
-        return b"".join(parts)
+        return await read_limited(pieces, max_bytes, lambda: _too_large(max_bytes or 0))

@@ -147,7 +147,7 @@ class StreamPublisher:
         ttl: seconds the stream is kept after its terminal entry.
         running_ttl: seconds the stream is kept while running (refreshed on every write).
         max_chunks: chunks allowed (also kept below ``maxlen`` so that none is ever trimmed).
-        max_bytes: bytes of chunk data allowed.
+        max_bytes: bytes of chunk data allowed (UTF-8, as stored).
     """
 
     def __init__(
@@ -207,7 +207,7 @@ class StreamPublisher:
                 f"stream exceeds {self._max_chunks} chunks", {"limit": self._max_chunks, "what": "stream_chunks"}
             )
         fields = _chunk_fields(chunk if chunk.seq == seq else chunk.model_copy(update={"seq": seq}))
-        self._bytes += len(str(fields["data"]))
+        self._bytes += len(str(fields["data"]).encode())  # UTF-8 bytes, as Redis stores them (not characters)
         if self._bytes > self._max_bytes:
             raise PayloadTooLarge(
                 f"stream data exceeds {self._max_bytes} bytes", {"limit": self._max_bytes, "what": "stream_bytes"}

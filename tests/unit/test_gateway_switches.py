@@ -43,11 +43,11 @@ def _refusal(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[st
 
 @pytest.fixture()
 def gateway(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """Starts Gateways with ``start_gateway(**switches)``; stops them after the test."""
+    """Starts Gateways with ``start_gateway``'s switches; stops them after the test."""
     procs: list[Proc] = []
 
-    def start(**switches: bool) -> Proc:
-        procs.append(start_gateway(tmp_path, _env(**SECRETS), **switches))
+    def start(*, control: bool = True, record_headers: bool = False) -> Proc:
+        procs.append(start_gateway(tmp_path, _env(**SECRETS), control=control, record_headers=record_headers))
         return procs[-1]
 
     yield start

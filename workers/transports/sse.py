@@ -10,7 +10,10 @@ is delivered twice even by a server that replays. (Events that set no id of thei
 told apart after a resume; the Gateway contract gives every data event an id.)
 
 ``call.timeout`` bounds connecting and each wait for the next event; ``max_duration`` bounds the
-whole stream.
+whole stream. Memory is bounded too: one line or one event may not pass ``max_result_bytes`` plus
+:data:`EVENT_OVERHEAD` bytes (httpx-sse would buffer a line without a newline for ever), a JSON answer
+not ``max_result_bytes``, an error answer is read up to its first ``ERROR_BODY_BYTES``; every
+oversized answer of this transport is a :class:`~workers.errors.ProtocolError`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+from collections.abc import AsyncGenerator, AsyncIterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse
+from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
+
+# httpx-sse 0.4 bounds neither a line nor an event and has no option to (httpx2 added one:
+# pydantic/httpx2#1071 "Add max_event_size to cap SSE event buffering"), so its line reader is
+# replaced by bounded_lines() below and only its field decoder is kept; it is not re-exported.
+# Back to EventSource.aiter_sse() once httpx-sse can cap an event.
+from httpx_sse._decoders import SSEDecoder
 
 from config.registry import GatewayServer, StdioServer
 from workers.errors import (
@@ -34,6 +46,7 @@ from workers.errors import (
     ToolError,
 )
 from workers.gateway_client import GatewayClient
+from workers.json_post import ERROR_BODY_BYTES, decoded, read_head, read_limited
 from workers.models import Chunk, GatewayToolInfo, TransportName, json_size
 from workers.transports.base import Call, ToolOutcome
 from workers.transports.http import gateway_server, outcome_from_gateway
@@ -44,6 +57,45 @@ log = logging.getLogger("sark.sse")
 
 #: Reconnect delay when the server sent no ``retry`` field (seconds).
 DEFAULT_RETRY = 0.1
+
+#: Bytes an event may hold beyond its data's cap: field names, ``id``, ``event`` and ``retry`` lines.
+EVENT_OVERHEAD = 65_536
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+async def bounded_lines(pieces: AsyncIterable[bytes], limit: int) -> AsyncGenerator[str, None]:
+    """The lines of an SSE byte stream (CRLF, CR or LF ends one), refusing any line or event over ``limit``.
+
+    httpx-sse buffers a line until its newline arrives, without a limit; here the bytes of the line
+    being read plus those of the event's earlier lines (an event ends at a blank line) are counted
+    as they arrive.
+
+    Raises:
+        ProtocolError: a line or an event over ``limit`` bytes.
+    """
+    buffer = bytearray()
+    event = 0  # bytes of the current event's complete lines
+    async for piece in pieces:
+        scan = b"\n" in piece or b"\r" in piece or buffer.endswith(b"\r")
+        buffer += piece
+        if scan:  # without a line end in sight, appending is all there is to do (no rescans)
+            start = 0
+            for match in _EOL.finditer(buffer):
+                if match.group() == b"\r" and match.end() == len(buffer):
+                    break  # maybe the first half of CRLF: the next piece decides
+                line = bytes(buffer[start:match.start()])
+                start = match.end()
+                event = event + len(line) if line else 0
+                if event > limit:
+                    break
+                yield line.decode("utf-8", "replace")
+            del buffer[:start]
+        if event + len(buffer) > limit:
+            raise ProtocolError(f"SSE event or line over {limit} bytes", {"limit": limit, "what": "sse_event"})
+    if buffer.endswith(b"\r"):
+        yield bytes(buffer[:-1]).decode("utf-8", "replace")
+    # anything else left is an unterminated last line: no event is dispatched without a blank line
 
 
 @dataclass
@@ -85,7 +137,7 @@ def _error_event(sse: ServerSentEvent) -> Exception:
         status = body.get("status_code", body.get("status", 500))
         status = status if isinstance(status, int) and 400 <= status <= 599 else 500
         message = body.get("error") or body.get("reason") or body.get("message") or "stream error"
-        message = message if isinstance(message, str) else json.dumps(message)
+        message = (message if isinstance(message, str) else json.dumps(message))[:ERROR_BODY_BYTES]
         if status == 403:
             return AuthorizationDenied(f"Authorization denied: {message}", {"status_code": 403})
         return ToolError(f"Tool execution failed: {message}", {"event_id": sse.id or None}, status_code=status)
@@ -184,7 +236,7 @@ class SseTransport:
             await asyncio.sleep(state.retry)
 
     async def _connect(self, call: Call, payload: dict[str, Any], state: _StreamState) -> None:
-        headers = {"X-Request-ID": call.request_id}
+        headers = {"X-Request-ID": call.request_id, "Accept-Encoding": "gzip"}  # decoded() inflates it capped
         if call.token:
             headers["Authorization"] = f"Bearer {call.token}"
         if state.last_event_id is not None:
@@ -194,7 +246,7 @@ class SseTransport:
         ) as source:
             response = source.response
             if response.status_code >= 400:
-                body = await response.aread()
+                body = await read_head(self._pieces(response), ERROR_BODY_BYTES)  # the message is all we need
                 GatewayClient._raise_for_status(response.status_code, body, "Tool execution")
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 # A Gateway that does not stream answers with the whole result at once.
@@ -202,10 +254,22 @@ class SseTransport:
                 return
             await self._read_events(call, source, state)
 
+    @staticmethod
+    def _pieces(response: httpx.Response) -> AsyncIterable[bytes]:
+        return decoded(response.aiter_raw(), response.headers.get("content-encoding", "identity"))
+
     async def _json_answer(self, response: httpx.Response) -> dict[str, Any]:
-        body = await response.aread()
-        if len(body) > self._max_bytes:
-            raise ProtocolError(f"Gateway answered with {len(body)} bytes, limit is {self._max_bytes}")
+        limit = self._max_bytes
+
+        def too_large() -> ProtocolError:
+            return ProtocolError(f"Gateway answered with more than {limit} bytes (the limit)",
+                                 {"limit": limit, "what": "result"})
+
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ProtocolError(f"Gateway answered with {declared} bytes, limit is {limit}",
+                                {"limit": limit, "what": "result"})
+        body = await read_limited(self._pieces(response), limit, too_large)
         data = GatewayClient._json(body, "invoke")
         if not isinstance(data, dict):
             raise ProtocolError(f"Gateway answered invoke with {type(data).__name__}, expected an object")
@@ -213,8 +277,13 @@ class SseTransport:
 
     async def _read_events(self, call: Call, source: EventSource, state: _StreamState) -> None:
         previous = ""  # the decoder repeats the last id on events that set none: only new ids count
-        try:
-            async for sse in source.aiter_sse():
+        decoder = SSEDecoder()
+        lines = bounded_lines(self._pieces(source.response), self._max_bytes + EVENT_OVERHEAD)
+        async with aclosing(lines):
+            async for line in lines:
+                sse = decoder.decode(line)
+                if sse is None:
+                    continue
                 fresh_id = sse.id if sse.id and sse.id != previous else None
                 previous = sse.id
                 if sse.retry is not None and sse.retry >= 0:
@@ -225,15 +294,14 @@ class SseTransport:
                     state.result = self._done(sse)
                     return
                 await self._data_event(call, sse, state, fresh_id)
-        except SSEError as exc:
-            raise ProtocolError(f"Gateway stream is not SSE: {exc}") from None
         raise _Dropped("the server closed the stream")
 
     def _done(self, sse: ServerSentEvent) -> dict[str, Any]:
         if not sse.data.strip():
             return {}
-        if len(sse.data) > self._max_bytes:
-            raise ProtocolError(f"'done' event is {len(sse.data)} bytes, limit is {self._max_bytes}")
+        size = len(sse.data.encode())
+        if size > self._max_bytes:
+            raise ProtocolError(f"'done' event is {size} bytes, limit is {self._max_bytes}")
         try:
             data = json.loads(sse.data)
         except ValueError:
