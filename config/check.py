@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from config.registry import Registry, RegistryError, StdioServer, load_registry
 from config.settings import Settings
+from config.worker_secrets import is_worker_secret
 
 __all__ = ["Problem", "check_config", "check_registry", "check_security"]
 
@@ -56,7 +58,66 @@ def _check_stdio(server: StdioServer, settings: Settings) -> list[Problem]:
         problems.append(Problem("error", f"{where}.cwd", "cwd must be an absolute path"))
     if server.startup_timeout >= settings.visibility_timeout:
         problems.append(Problem("error", f"{where}.startup_timeout", "must be below visibility_timeout"))
+    problems.extend(_check_stdio_environment(server, where))
+    problems.extend(_check_stdio_identity(server, where))
     return problems
+
+
+def _check_stdio_environment(server: StdioServer, where: str) -> list[Problem]:
+    """``${NAME}`` must be set, and neither it nor ``inherit_env`` may name a worker secret (names only)."""
+    problems: list[Problem] = []
+    for name in server.variables():
+        if is_worker_secret(name, os.environ.get(name)):
+            problems.append(Problem("error", f"{where}.env", f"${{{name}}} is a secret of the worker itself; "
+                                                             "it is never given to a stdio server"))
+        elif name not in os.environ:
+            problems.append(Problem("error", f"{where}.env", f"${{{name}}} is not set in the worker's environment"))
+    for name in server.inherit_env:
+        if is_worker_secret(name, os.environ.get(name)):
+            problems.append(Problem("error", f"{where}.inherit_env", f"{name} is a secret of the worker itself; "
+                                                                     "it is never given to a stdio server"))
+    return problems
+
+
+def _check_stdio_identity(server: StdioServer, where: str) -> list[Problem]:
+    """``user``/``group`` must exist and the worker must be able to switch to them."""
+    try:
+        identity = server.identity()
+    except LookupError as exc:
+        return [Problem("error", f"{where}.user", str(exc))]
+    if identity is None:
+        if server.limits.processes is not None and os.geteuid() == 0:
+            return [Problem("warning", f"{where}.limits.processes", "not enforced for a server running as root: "
+                                                                    "set user too")]
+        return []
+    uid, gid, groups = identity
+    if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+        return [Problem("error", f"{where}.user", f"the worker runs as uid {os.geteuid()}, not root: it cannot "
+                                                  f"switch to uid {uid} gid {gid}")]
+    command = Path(server.command)
+    if command.is_absolute() and command.exists() and not _may_execute(command, uid, {gid, *groups}):
+        return [Problem("warning", f"{where}.user", f"uid {uid} may not execute {server.command} (or a folder above "
+                                                    "it, or its symlink target, is closed to it)")]
+    return []
+
+
+def _may_execute(path: Path, uid: int, gids: set[int]) -> bool:
+    """Mode bits only (ACLs are not read): x on ``path``, its target and every folder above either."""
+    if uid == 0:
+        return True
+    real = path.resolve()
+    steps = [*reversed(path.parents), *reversed(real.parents), real]
+    for step in steps:
+        info = step.stat()
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return False
+    return True
 
 
 def check_registry(registry: Registry, settings: Settings) -> list[Problem]:

@@ -9,12 +9,17 @@ Command strings may use two placeholders, expanded when the file is loaded:
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "AccessPolicy",
@@ -23,7 +28,9 @@ __all__ = [
     "Registry",
     "RegistryError",
     "ServerConfig",
+    "StdioLimits",
     "StdioServer",
+    "UnsetVariable",
     "load_registry",
 ]
 
@@ -73,10 +80,7 @@ class GatewayServer(_ServerBase):
     """A server reached through the Gateway REST API (``http``) or its SSE stream (``sse``)."""
 
     transport: Literal["http", "sse"]
-    # The id goes into Gateway URLs (GET /servers/{id}): no "/", no leading "." (so never "." or "..").
-    server_id: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,255}$", description="the Gateway's id; defaults to name"
-    )
+    server_id: str | None = Field(default=None, description="the Gateway's id; defaults to name")
 
     @property
     def gateway_id(self) -> str:
@@ -84,13 +88,53 @@ class GatewayServer(_ServerBase):
         return self.server_id or self.name
 
 
+class StdioLimits(BaseModel):
+    """Resource limits set on a stdio server process before it runs (``setrlimit``, soft = hard, so the
+    server cannot raise them). None keeps the worker's own limit.
+
+    ``cpu_seconds`` counts over the process's whole life, every call included (pair it with ``max_calls``);
+    at the limit the kernel sends SIGXCPU, then SIGKILL a second later. ``processes`` (RLIMIT_NPROC)
+    counts every process of the server's *user* and the kernel does not enforce it for root: use it with
+    ``user:``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address_space_mb: int | None = Field(default=None, ge=64, description="RLIMIT_AS, in MiB")
+    open_files: int | None = Field(default=None, ge=16, description="RLIMIT_NOFILE")
+    cpu_seconds: int | None = Field(default=None, ge=1, description="RLIMIT_CPU, over the process's life")
+    processes: int | None = Field(default=None, ge=1, description="RLIMIT_NPROC, per user; not for root")
+
+
+class UnsetVariable(LookupError):
+    """A ``${NAME}`` of a stdio server's ``env`` is not set in the worker's environment."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
 class StdioServer(_ServerBase):
-    """A local MCP server started by the worker as a subprocess speaking MCP over stdio."""
+    """A local MCP server started by the worker as a subprocess speaking MCP over stdio.
+
+    The child's environment is exactly ``inherit_env`` (names copied from the worker's environment) plus
+    ``env``. A value of ``env`` may hold ``${NAME}`` placeholders, anywhere in it (``"Bearer ${API_TOKEN}"``),
+    replaced when the server starts from the worker's environment as it was when the worker started,
+    in one pass (a replacement is never expanded again). Any other ``${`` is refused, so a literal
+    ``${`` cannot be written. The worker's own secrets (``SARK_TOKEN_KEY``… see
+    :mod:`config.worker_secrets`) are never available to ``${NAME}`` nor to ``inherit_env``.
+
+    ``user``/``group`` (names or numeric ids) run the server under another identity, with the user's
+    groups; the worker must be root. ``limits`` caps the server's resources (:class:`StdioLimits`).
+    """
 
     transport: Literal["stdio"]
     command: str = Field(min_length=1)
     args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict, description="variables given to the child")
+    env: dict[str, str] = Field(default_factory=dict, description="variables given to the child; ${NAME} expanded")
     inherit_env: list[str] = Field(
         default_factory=list, description="names copied from the worker's environment (nothing else is)"
     )
@@ -102,6 +146,9 @@ class StdioServer(_ServerBase):
     max_concurrency: int = Field(default=64, ge=1, description="calls in flight on one session")
     max_output_bytes: int | None = Field(default=None, gt=0, description="longest answer; default max_result_bytes")
     stop_grace: float = Field(default=2.0, gt=0, description="stop: seconds after closing stdin, then after SIGTERM")
+    limits: StdioLimits = Field(default_factory=StdioLimits, description="resource limits of the process")
+    user: str | None = Field(default=None, min_length=1, description="run as this user (name or uid)")
+    group: str | None = Field(default=None, min_length=1, description="with this group (default: the user's)")
 
     @field_validator("command", "args", mode="before")
     @classmethod
@@ -112,8 +159,89 @@ class StdioServer(_ServerBase):
             return [_expand_placeholders(v) if isinstance(v, str) else v for v in value]
         return value
 
+    @field_validator("env")
+    @classmethod
+    def _placeholders_well_formed(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if "${" in _VARIABLE.sub("", value):
+                raise ValueError(f"env.{name}: '${{' must start a ${{NAME}} placeholder (letters, digits, _)")
+        return env
+
+    @model_validator(mode="after")
+    def _group_needs_user(self) -> StdioServer:
+        if self.group is not None and self.user is None:
+            raise ValueError("group is only used together with user")
+        return self
+
+    def identity(self) -> tuple[int, int, list[int]] | None:
+        """``(uid, gid, groups)`` the server runs as; None: the worker's own.
+
+        Raises:
+            LookupError: the user or the group does not exist (a bare number needs no entry).
+        """
+        if self.user is None:
+            return None
+        entry = _passwd(self.user)
+        if entry is None and not self.user.isdigit():
+            raise LookupError(f"user {self.user!r} does not exist")
+        uid = entry.pw_uid if entry else int(self.user)
+        if self.group is not None:
+            found = _group(self.group)
+            if found is None and not self.group.isdigit():
+                raise LookupError(f"group {self.group!r} does not exist")
+            gid = found.gr_gid if found else int(self.group)
+        elif entry is not None:
+            gid = entry.pw_gid
+        else:
+            raise LookupError(f"user {self.user!r} has no passwd entry: name a group too")
+        groups = os.getgrouplist(entry.pw_name, gid) if entry else [gid]
+        return uid, gid, sorted(set(groups))
+
+    def variables(self) -> list[str]:
+        """Names the ``env`` values refer to as ``${NAME}``, in order, each once."""
+        return list(dict.fromkeys(m.group(1) for value in self.env.values() for m in _VARIABLE.finditer(value)))
+
+    def child_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The child's whole environment, taking ``inherit_env`` and ``${NAME}`` from ``environ``.
+
+        Raises:
+            UnsetVariable: a ``${NAME}`` is not in ``environ`` (its name only: values are never shown).
+        """
+        env = {name: environ[name] for name in self.inherit_env if name in environ}
+
+        def value_of(match: re.Match[str]) -> str:
+            try:
+                return environ[match.group(1)]
+            except KeyError:
+                raise UnsetVariable(match.group(1)) from None
+
+        env.update({name: _VARIABLE.sub(value_of, value) for name, value in self.env.items()})
+        return env
+
 
 ServerConfig = Annotated[GatewayServer | StdioServer, Field(discriminator="transport")]
+
+
+def _passwd(user: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        pass
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else None
+    except KeyError:
+        return None
+
+
+def _group(group: str) -> grp.struct_group | None:
+    try:
+        return grp.getgrnam(group)
+    except KeyError:
+        pass
+    try:
+        return grp.getgrgid(int(group)) if group.isdigit() else None
+    except KeyError:
+        return None
 
 
 def _expand_placeholders(text: str) -> str:

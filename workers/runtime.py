@@ -1,7 +1,9 @@
 """Per-process runtime: the event loop and everything it owns (transports, Gateway pool, Redis).
 
 Created lazily on first use in a process (and eagerly by the worker's signals), closed at worker
-shutdown. A forked child never reuses its parent's runtime: the pid is checked on access.
+shutdown. A forked child never reuses its parent's runtime: the pid is checked on access. Creating it
+also hardens the process (:mod:`workers.environment`): the environment stdio servers may draw from is
+snapshotted without the worker's secrets, then the secrets leave the environment.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -18,6 +20,7 @@ import redis.asyncio as aioredis
 from config.registry import Registry, load_registry
 from config.settings import Settings, get_settings
 from workers.breaker import BreakerBoard
+from workers.environment import harden_worker_process, launch_environment
 from workers.errors import Cancelled, InvalidInvocation
 from workers.gateway_client import GatewayClient
 from workers.loop import EventLoopThread
@@ -37,9 +40,11 @@ T = TypeVar("T")
 class Runtime:
     """Everything one worker process keeps between tasks."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        #: What stdio servers' ``inherit_env`` and ``${NAME}`` draw from (no worker secret in it).
+        self.environ = launch_environment(environ)
         self.loop = EventLoopThread()
         self.transports: dict[TransportName, Transport] = {}
         self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
@@ -73,6 +78,7 @@ class Runtime:
                 self.registry.stdio_servers(),
                 max_result_bytes=self.settings.max_result_bytes,
                 list_timeout=self.settings.invoke_timeout,
+                environ=self.environ,
             ),
         }
         return transports
@@ -153,7 +159,11 @@ def get_runtime(settings: Settings | None = None, registry: Registry | None = No
         if _runtime is None or _runtime_pid != pid:
             settings = settings or get_settings()
             registry = registry or load_registry(settings.registry_path)
-            _runtime = Runtime(settings, registry)
+            # Snapshot first (stdio servers' ${NAME} see the environment as it was at start), then scrub:
+            # the settings object holds the secrets from here on (workers.app loaded get_settings() at import).
+            environ = launch_environment()
+            harden_worker_process()
+            _runtime = Runtime(settings, registry, environ)
             _runtime_pid = pid
             log.info("runtime started", extra={"pid": pid, "servers": sorted(registry.servers)})
         return _runtime

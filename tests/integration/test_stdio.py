@@ -91,7 +91,7 @@ def test_warm_session_is_shared_by_concurrent_calls(celery_client: Celery, worke
 def test_list_tools_follows_pagination(celery_client: Celery) -> None:
     tools = celery_client.send_task("sark.list_tools", kwargs={"server": "fixture"}).get(timeout=30)
     names = {t["tool_name"] for t in tools}
-    assert len(tools) == len(names) == 23  # 11 tools + 12 padding ones, served 5 per page
+    assert len(tools) == len(names) == 30  # 18 tools + 12 padding ones, served 5 per page
     assert {"echo", "progress", "tool_11"} <= names
     echo = next(t for t in tools if t["tool_name"] == "echo")
     assert echo["parameters"][0]["name"] == "text" and echo["parameters"][0]["required"] is True
@@ -113,6 +113,20 @@ def test_progress_notifications_become_stream_chunks(celery_client: Celery) -> N
     assert [c.data["progress"] for c in chunks] == [1, 2, 3, 4, 5]  # type: ignore[index]
     assert chunks[-1].data == {"progress": 5.0, "total": 5.0, "message": "step 5"}
     assert result["chunks"] == 5 and result["result"]["structuredContent"]["result"] == "done 5"
+
+
+def test_progress_flood_is_coalesced_in_order_and_the_call_succeeds(celery_client: Celery) -> None:
+    # 20 000 notifications as fast as the server writes them: far faster than chunks reach Redis. The
+    # worker keeps at most a few hundred waiting (tests/unit/test_stdio_progress.py proves the bound);
+    # what reaches the stream is in order, contiguous, and ends with the last state.
+    pending = send_invoke(celery_client, "fixture", "progress_flood", {"count": 20_000}, stream=True, timeout=60)
+    chunks = list(stream_client.stream(pending.id, idle_timeout=30))
+    result = pending.get(timeout=60)
+    assert result["result"]["structuredContent"]["result"] == "flooded 20000"
+    assert result["chunks"] == len(chunks) <= 20_000
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    progress = [c.data["progress"] for c in chunks]  # type: ignore[index]
+    assert progress == sorted(set(progress)) and progress[-1] == 20_000
 
 
 def test_environment_is_explicit(celery_client: Celery) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from config.check import check_registry
 from config.registry import load_registry
 from config.settings import Settings
@@ -30,7 +32,8 @@ def test_relative_missing_and_shell_commands(tmp_path: Path) -> None:
     assert any("shell" in p for p in _problems(tmp_path, shell))
 
 
-def test_inline_secret_refused_placeholder_allowed(tmp_path: Path) -> None:
+def test_inline_secret_refused_placeholder_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_TOKEN", "from-the-environment")
     inline = f"servers:\n  t:\n    transport: stdio\n    command: {sys.executable}\n    env:\n      API_TOKEN: abc123\n"
     assert any("inline" in p for p in _problems(tmp_path, inline))
     placeholder = inline.replace("abc123", "'${API_TOKEN}'")

@@ -24,6 +24,8 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from config.registry import GatewayServer, StdioServer
+from workers.environment import launch_environment
 from workers.errors import (
     InvalidInvocation,
     InvocationTimeout,
@@ -55,6 +58,9 @@ _BACKOFF_MAX = 30.0
 _LIST_PAGES_MAX = 100
 _CLIENT_INFO = types.Implementation(name="sark-workers", version="0.1.0")
 _ENVELOPE = 65_536
+# Progress notifications waiting for a slow sink (Redis) per call; past these, the newest replaces the rest.
+_PROGRESS_PENDING = 256
+_PROGRESS_PENDING_BYTES = 1_048_576
 
 
 def stdio_server(server: GatewayServer | StdioServer) -> StdioServer:
@@ -92,10 +98,12 @@ class ServerPool:
     Args:
         server: The registry entry.
         max_output_bytes: Longest answer accepted when the entry sets no ``max_output_bytes``.
+        environ: The environment ``inherit_env`` and ``${NAME}`` are read from (see :class:`StdioPipe`).
     """
 
-    def __init__(self, server: StdioServer, *, max_output_bytes: int) -> None:
+    def __init__(self, server: StdioServer, *, max_output_bytes: int, environ: Mapping[str, str]) -> None:
         self.server = server
+        self._environ = environ
         self._max_line = (server.max_output_bytes or max_output_bytes) + _ENVELOPE
         self._gen: _Generation | None = None
         self._numbers = itertools.count(1)
@@ -125,8 +133,8 @@ class ServerPool:
             gen.retire("max_calls reached" if spent else "replaced")
         delay = max(0.0, self._retry_at - time.monotonic())
         loop = asyncio.get_running_loop()
-        gen = _Generation(next(self._numbers), StdioPipe(self.server, max_line_bytes=self._max_line),
-                          loop.create_future())
+        pipe = StdioPipe(self.server, max_line_bytes=self._max_line, environ=self._environ)
+        gen = _Generation(next(self._numbers), pipe, loop.create_future())
         gen.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
         gen.owner = loop.create_task(self._own(gen, delay), name=f"stdio-owner-{self.server.name}-{gen.number}")
         self._live.add(gen)
@@ -268,6 +276,9 @@ class ServerPool:
                         gen.wake.set()  # otherwise it wakes by itself when the idle time may be up
                 if forwarder is not None:
                     await forwarder.drain()
+                    if forwarder.coalesced:
+                        log.info("stdio server %s: %d progress notification(s) of %r coalesced (slow stream)",
+                                 self.server.name, forwarder.coalesced, tool, extra={"stdio_server": self.server.name})
         except TimeoutError:
             raise InvocationTimeout(f"stdio server {self.server.name!r}: no answer to {tool!r} within {timeout:g}s",
                                     {"server": self.server.name, "tool": tool}) from None
@@ -343,26 +354,65 @@ def _tool_info(server: str, tool: types.Tool) -> GatewayToolInfo:
 
 
 class _ProgressForwarder:
-    """Turns progress notifications into chunks, delivered to the sink in order by one task."""
+    """Turns progress notifications into chunks, delivered to the sink in order by one task.
 
-    def __init__(self, sink: ChunkSink) -> None:
+    Bounded: at most ``limit`` notifications (``limit_bytes`` of messages) wait for the sink. Past
+    that, notifications are coalesced: only the newest waits, and is delivered once the queue drained;
+    the ones it replaced are counted in :attr:`coalesced` and never become chunks. Progress reports a
+    state, so the newest one says everything the skipped ones did; chunk ``seq`` stays contiguous.
+
+    Why not backpressure: the SDK spawns one task per notification and does not wait for it, so waiting
+    here would pile up tasks (and reorder them) instead of slowing the server; and one session serves
+    every concurrent call of the worker: a slow stream must not stall the others.
+    """
+
+    def __init__(self, sink: ChunkSink, *, limit: int = _PROGRESS_PENDING,
+                 limit_bytes: int = _PROGRESS_PENDING_BYTES) -> None:
         self._sink = sink
-        self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        self._limit, self._limit_bytes = limit, limit_bytes
+        self._pending: deque[dict[str, Any]] = deque()
+        self._bytes = 0
+        self._newest: dict[str, Any] | None = None
+        self._more = asyncio.Event()
+        self._ending = False
         self._task = asyncio.ensure_future(self._run())
+        #: Chunks delivered to the sink so far (their ``seq`` run from 0).
         self.count = 0
+        #: Notifications replaced by a newer one while the queue was full.
+        self.coalesced = 0
 
     async def on_progress(self, progress: float, total: float | None, message: str | None) -> None:
+        """The SDK's progress callback; never waits (see the class docstring)."""
         data: dict[str, Any] = {"progress": progress, "total": total, "message": message}
-        self._queue.put_nowait(Chunk(seq=self.count, event_type="progress", data=data))
-        self.count += 1
+        size = len(message or "")
+        if self._newest is None and len(self._pending) < self._limit and self._bytes + size <= self._limit_bytes:
+            self._pending.append(data)
+            self._bytes += size
+        else:  # full: keep only the newest; queued ones go first, so the order is kept
+            self.coalesced += self._newest is not None
+            self._newest = data
+        self._more.set()
 
     async def _run(self) -> None:
-        while (chunk := await self._queue.get()) is not None:
-            await self._sink(chunk)
+        while True:
+            if not self._pending and self._newest is not None:
+                self._pending.append(self._newest)
+                self._newest = None
+            if self._pending:
+                data = self._pending.popleft()
+                self._bytes -= len(data["message"] or "")
+                await self._sink(Chunk(seq=self.count, event_type="progress", data=data))
+                self.count += 1
+            elif self._ending:
+                return
+            else:
+                self._more.clear()
+                await self._more.wait()
 
     async def drain(self) -> None:
         """Wait until every chunk so far reached the sink (re-raising the sink's error)."""
-        self._queue.put_nowait(None)
+        self._ending = True
+        self._more.set()
         await self._task
 
     def close(self) -> None:
@@ -377,12 +427,16 @@ class StdioTransport:
         servers: The registry's stdio servers.
         max_result_bytes: Default cap on one answer (``max_output_bytes`` overrides per server).
         list_timeout: Seconds allowed for ``tools/list`` (all pages, including a cold start).
+        environ: The environment servers' ``inherit_env`` and ``${NAME}`` are read from: the worker's as it
+            was at start, without its secrets (default: :func:`workers.environment.launch_environment` now).
     """
 
     name: TransportName = "stdio"
 
-    def __init__(self, servers: list[StdioServer], *, max_result_bytes: int, list_timeout: float = 30.0) -> None:
+    def __init__(self, servers: list[StdioServer], *, max_result_bytes: int, list_timeout: float = 30.0,
+                 environ: Mapping[str, str] | None = None) -> None:
         self._servers = {s.name: s for s in servers}
+        self._environ = dict(launch_environment() if environ is None else environ)
         self._max_result_bytes = max_result_bytes
         self._list_timeout = list_timeout
         self._pools: dict[str, ServerPool] = {}
@@ -391,7 +445,8 @@ class StdioTransport:
         """The pool of ``server`` (created on first use)."""
         pool = self._pools.get(server.name)
         if pool is None or pool.server != server:
-            pool = self._pools[server.name] = ServerPool(server, max_output_bytes=self._max_result_bytes)
+            pool = self._pools[server.name] = ServerPool(server, max_output_bytes=self._max_result_bytes,
+                                                         environ=self._environ)
         return pool
 
     async def open(self) -> None:

@@ -7,8 +7,8 @@ reasons measured or required by the worker:
 * the SDK's reader re-joins its line buffer on every 64 KiB chunk: a 16 MB result took 8-11 s
   (quadratic); :class:`LineSplitter` is linear and caps a line at ``max_line_bytes``; an oversized
   answer fails only its own request (an error response is injected for its id);
-* the child is started through :mod:`workers.transports.stdio_launch` (parent-death signal), in its
-  own process group, with exactly the configured environment;
+* the child is started through :mod:`workers.transports.stdio_launch` (resource limits, optional
+  uid/gid, parent-death signal), in its own process group, with exactly the configured environment;
 * stderr is drained line by line into the worker log (no 64 KiB pipe stall), last lines kept for errors;
 * exit, garbage on stdout and oversized unattributable output end the connection at once with a typed
   :attr:`StdioPipe.failure`, so pending calls fail now instead of at their timeout;
@@ -26,7 +26,7 @@ import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from mcp.client._transport import TransportStreams
 from mcp.shared.message import SessionMessage
 
-from config.registry import StdioServer
+from config.registry import StdioLimits, StdioServer, UnsetVariable
 from workers.errors import PayloadTooLarge, ProtocolError, SarkError, ServerCrashed
 
 __all__ = ["OUTPUT_TOO_LARGE", "LineSplitter", "StdioPipe", "child_environment", "launch_argv"]
@@ -56,16 +56,61 @@ _ID_HEAD = re.compile(
 _ID_TAIL = re.compile(rb'"id"\s*:\s*(-?\d{1,20}|"[^"\\]{0,200}")\s*\}\s*$')
 
 
-def launch_argv(server: StdioServer) -> list[str]:
-    """The argv that starts ``server`` through the parent-death launcher."""
-    return [sys.executable, "-I", "-S", _LAUNCHER, str(os.getpid()), server.command, *server.args]
+def launch_argv(server: StdioServer, identity: tuple[int, int, list[int]] | None = None) -> list[str]:
+    """The argv that starts ``server`` through the launcher: its limits, ``identity`` (uid, gid, groups)."""
+    options = [f"--rlimit={name}:{soft}:{hard}" for name, soft, hard in _rlimits(server.limits)]
+    if identity is not None:
+        uid, gid, groups = identity
+        options += [f"--uid={uid}", f"--gid={gid}", f"--groups={','.join(map(str, groups))}"]
+    return [sys.executable, "-I", "-S", _LAUNCHER, str(os.getpid()), *options, "--", server.command, *server.args]
 
 
-def child_environment(server: StdioServer) -> dict[str, str]:
-    """Exactly the variables named in ``inherit_env`` (when set here) plus ``env``; nothing else."""
-    env = {name: os.environ[name] for name in server.inherit_env if name in os.environ}
-    env.update(server.env)
-    return env
+def _rlimits(limits: StdioLimits) -> list[tuple[str, int, int]]:
+    found = []
+    if limits.address_space_mb is not None:
+        found.append(("AS", limits.address_space_mb << 20, limits.address_space_mb << 20))
+    if limits.open_files is not None:
+        found.append(("NOFILE", limits.open_files, limits.open_files))
+    if limits.cpu_seconds is not None:  # SIGXCPU at the soft limit, SIGKILL one second later
+        found.append(("CPU", limits.cpu_seconds, limits.cpu_seconds + 1))
+    if limits.processes is not None:
+        found.append(("NPROC", limits.processes, limits.processes))
+    return found
+
+
+def child_environment(server: StdioServer, environ: Mapping[str, str]) -> dict[str, str]:
+    """Exactly ``inherit_env`` (when set in ``environ``) plus ``env`` with ``${NAME}`` taken from ``environ``.
+
+    Raises:
+        ServerCrashed: a ``${NAME}`` is not set (the message names it, never a value).
+    """
+    try:
+        return server.child_env(environ)
+    except UnsetVariable as exc:
+        raise ServerCrashed(f"stdio server {server.name!r} could not be started: ${{{exc.name}}} of its env is "
+                            "not set in the worker's environment", {"server": server.name,
+                                                                     "variable": exc.name}) from None
+
+
+def _launch_identity(server: StdioServer) -> tuple[int, int, list[int]] | None:
+    try:
+        return server.identity()
+    except LookupError as exc:
+        raise ServerCrashed(f"stdio server {server.name!r} could not be started: {exc}",
+                            {"server": server.name}) from None
+
+
+def _exit_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    why = {"SIGXCPU": " (CPU time limit: limits.cpu_seconds)", "SIGXFSZ": " (file size limit)"}.get(name, "")
+    return f"was killed by {name}{why}"
 
 
 class LineSplitter:
@@ -128,12 +173,15 @@ class StdioPipe:
     """An ``mcp`` client transport over one server process's stdin/stdout (async context manager).
 
     Args:
-        server: The registry entry (command, args, env, cwd, ``stop_grace``).
+        server: The registry entry (command, args, env, cwd, limits, user, ``stop_grace``).
         max_line_bytes: Longest accepted stdout line; a longer response fails its request.
+        environ: Where ``inherit_env`` and ``${NAME}`` are read (the worker's environment at start,
+            without its secrets: :func:`workers.environment.launch_environment`).
     """
 
-    def __init__(self, server: StdioServer, *, max_line_bytes: int) -> None:
+    def __init__(self, server: StdioServer, *, max_line_bytes: int, environ: Mapping[str, str]) -> None:
         self.server = server
+        self.environ = environ
         self.max_line_bytes = max_line_bytes
         #: Why the connection ended when the server ended it (None: still up, or we closed it).
         self.failure: SarkError | None = None
@@ -151,13 +199,14 @@ class StdioPipe:
 
     async def __aenter__(self) -> TransportStreams:
         server = self.server
+        env, identity = child_environment(server, self.environ), _launch_identity(server)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *launch_argv(server),
+                *launch_argv(server, identity),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=child_environment(server),
+                env=env,
                 cwd=server.cwd,
                 start_new_session=True,
             )
@@ -239,8 +288,7 @@ class StdioPipe:
         with contextlib.suppress(TimeoutError):
             await self._wait_exit(1.0)
         tail = list(self.stderr_tail)[-5:]
-        status = "is still running" if proc.returncode is None else f"exited with status {proc.returncode}"
-        message = f"stdio server {self.server.name!r} closed its stdout and {status}"
+        message = f"stdio server {self.server.name!r} closed its stdout and {_exit_status(proc.returncode)}"
         if tail:
             message += ": " + " | ".join(tail)
         self.failure = ServerCrashed(message, {"server": self.server.name, "returncode": proc.returncode})
