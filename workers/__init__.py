@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "OPERATOR_HEADER",
     "TASK_BREAKERS",
     "TASK_GET_SERVER",
     "TASK_HEALTH",
@@ -25,7 +26,9 @@ __all__ = [
     "GatewayServerInfo",
     "GatewayToolInfo",
     "GatewayUnavailable",
+    "InternalError",
     "InvalidInvocation",
+    "InvalidToken",
     "Invocation",
     "InvocationHandle",
     "InvocationResult",
@@ -45,6 +48,7 @@ __all__ = [
 ]
 
 from workers.contract import (
+    OPERATOR_HEADER,
     TASK_BREAKERS,
     TASK_GET_SERVER,
     TASK_HEALTH,
@@ -58,7 +62,9 @@ from workers.errors import (
     Cancelled,
     CircuitOpen,
     GatewayUnavailable,
+    InternalError,
     InvalidInvocation,
+    InvalidToken,
     InvocationTimeout,
     PayloadTooLarge,
     ProtocolError,

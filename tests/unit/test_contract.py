@@ -15,8 +15,9 @@ from workers.models import Chunk, parse_invocation
 
 PUBLIC_API = {
     "TASK_BREAKERS", "TASK_GET_SERVER", "TASK_HEALTH", "TASK_INVOKE", "TASK_LIST_SERVERS", "TASK_LIST_TOOLS",
-    "TOKEN_HEADER", "AsyncSarkClient", "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen",
-    "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InvalidInvocation", "Invocation",
+    "TOKEN_HEADER", "OPERATOR_HEADER", "AsyncSarkClient", "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen",
+    "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InternalError", "InvalidInvocation",
+    "InvalidToken", "Invocation",
     "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
     "SarkError", "ServerCrashed", "TokenExpired", "ToolError", "TransportError", "UnknownServer", "__version__",
     "stream", "astream",
@@ -44,6 +45,8 @@ def test_task_names_are_stable() -> None:
         errors.CircuitOpen("open", {"retry_after": 12.5}),
         errors.PayloadTooLarge("big", {"limit": 10, "size": 11}),
         errors.ServerCrashed("died"),
+        errors.InvalidToken("the token is empty"),
+        errors.InternalError("internal error in the worker (TypeError); see the worker log"),
     ],
 )
 def test_errors_survive_celery_json_backend(exc: errors.SarkError) -> None:
