@@ -16,6 +16,7 @@ from celery.result import AsyncResult
 
 from config.settings import Settings
 from workers.contract import OPERATOR_HEADER, TASK_INVOKE, TOKEN_HEADER
+from workers.display import invocation_repr
 from workers.tokens import operator_signature, seal_token
 
 
@@ -70,7 +71,7 @@ def send_invoke(
     invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {}, **fields}
     task_id = str(uuid.uuid4())
     return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
-                         headers=token_headers(token, task_id))
+                         headers=token_headers(token, task_id), argsrepr="()", kwargsrepr=invocation_repr(invocation))
 
 
 def invoke(app: Celery, server: str, tool: str, arguments: dict[str, Any] | None = None, *,

@@ -28,6 +28,7 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
+from workers.display import invocation_repr
 from workers.errors import Cancelled, InvalidToken, InvocationTimeout, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
 from workers.tokens import seal_token, validate_token
@@ -170,7 +171,9 @@ class SarkClient:
             invocation["timeout"] = timeout
         task_id = str(uuid.uuid4())
         headers = {TOKEN_HEADER: self._seal(token, task_id)} if token is not None else None
-        pending = self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, headers=headers)
+        # argsrepr/kwargsrepr: what the message headers and task-sent events show (names, never values).
+        pending = self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, headers=headers,
+                                     argsrepr="()", kwargsrepr=invocation_repr(invocation))
         return InvocationHandle(self, pending)
 
     def _seal(self, token: str, task_id: str) -> str:
