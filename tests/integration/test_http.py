@@ -45,6 +45,16 @@ def test_get_server_info_not_found_is_none(celery_client: Celery) -> None:
     assert celery_client.send_task("sark.get_server", kwargs={"server_id": "nope"}).get(timeout=20) is None
 
 
+def test_get_server_id_cannot_reach_another_endpoint(celery_client: Celery, gateway_control: GatewayControl) -> None:
+    # Sent raw, "../_control/stats" reached the control endpoint (its JSON failed as a server: ProtocolError).
+    get = "sark.get_server"
+    assert celery_client.send_task(get, kwargs={"server_id": "../_control/stats"}).get(timeout=20) is None
+    for bad in ("..", ".", ""):
+        with pytest.raises(InvalidInvocation, match="server_id must be"):
+            celery_client.send_task(get, kwargs={"server_id": bad}).get(timeout=20)
+    assert gateway_control.stats()["discovery_calls"] == 0  # none of them reached GET /servers/{id}
+
+
 def test_list_tools_all_and_filtered(celery_client: Celery) -> None:
     tools = celery_client.send_task("sark.list_tools").get(timeout=20)
     assert {t["server_name"] for t in tools} >= {"echo", "restricted"}
@@ -191,7 +201,7 @@ def test_invalid_invocations(
 def test_timeout_retried_once_then_504(
     celery_client: Celery, user_token: str, gateway_control: GatewayControl
 ) -> None:
-    pending = send_invoke(celery_client, "echo", "sleep", {"seconds": 5}, token=user_token, timeout=0.4)
+    pending = send_invoke(celery_client, "echo", "sleep", {"seconds": 5}, token=user_token, timeout=1)
     with pytest.raises(InvocationTimeout) as info:
         pending.get(timeout=20)
     assert info.value.status_code == 504
@@ -202,7 +212,7 @@ def test_timeout_then_success_on_retry(
     celery_client: Celery, user_token: str, gateway_control: GatewayControl
 ) -> None:
     gateway_control.mode("hang", remaining=1)
-    result = invoke(celery_client, "echo", "echo", {"n": 1}, token=user_token, timeout=0.5)
+    result = invoke(celery_client, "echo", "echo", {"n": 1}, token=user_token, timeout=1)
     assert result["result"]["structuredContent"] == {"n": 1}
     assert gateway_control.stats()["invocations"] == 2
 
