@@ -120,7 +120,10 @@ def authorize(server_name: str, policy: AccessPolicy, token: str | None, verifie
     """
     if not token:
         raise AuthorizationDenied(f"server {server_name!r} requires a user token", {"status_code": 403})
-    claims = verifier.claims(token)
+    try:
+        claims = verifier.claims(token)
+    except AuthorizationDenied as exc:
+        raise AuthorizationDenied(f"server {server_name!r} refused the call: {exc.message}", exc.detail) from None
     if (str(claims.get("sub")) in policy.subjects
             or _listed(claims.get(settings.auth_teams_claim)) & set(policy.teams)
             or _listed(claims.get(settings.auth_roles_claim)) & set(policy.roles)):
