@@ -23,6 +23,7 @@ from tests.helpers import invoke, send_invoke
 from workers import stream_client
 from workers.devstack import DevStack, Proc, wait_for
 from workers.errors import InvocationTimeout, PayloadTooLarge, ProtocolError, ServerCrashed, ToolError
+from workers.models import Chunk
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -52,6 +53,11 @@ def _tagged(tag: str) -> set[int]:
         except OSError:
             continue
     return found
+
+
+def _progress(chunk: Chunk) -> float:
+    assert isinstance(chunk.data, dict) and isinstance(chunk.data["progress"], int | float)
+    return float(chunk.data["progress"])
 
 
 def _gone(pids: set[int]) -> bool:
@@ -110,7 +116,7 @@ def test_progress_notifications_become_stream_chunks(celery_client: Celery) -> N
     chunks = list(stream_client.stream(pending.id, idle_timeout=20))
     result = pending.get(timeout=30)
     assert [c.event_type for c in chunks] == ["progress"] * 5
-    assert [c.data["progress"] for c in chunks] == [1, 2, 3, 4, 5]  # type: ignore[index]
+    assert [_progress(c) for c in chunks] == [1, 2, 3, 4, 5]
     assert chunks[-1].data == {"progress": 5.0, "total": 5.0, "message": "step 5"}
     assert result["chunks"] == 5 and result["result"]["structuredContent"]["result"] == "done 5"
 
@@ -125,7 +131,7 @@ def test_progress_flood_is_coalesced_in_order_and_the_call_succeeds(celery_clien
     assert result["result"]["structuredContent"]["result"] == "flooded 20000"
     assert result["chunks"] == len(chunks) <= 20_000
     assert [c.seq for c in chunks] == list(range(len(chunks)))
-    progress = [c.data["progress"] for c in chunks]  # type: ignore[index]
+    progress = [_progress(c) for c in chunks]
     assert progress == sorted(set(progress)) and progress[-1] == 20_000
 
 

@@ -8,6 +8,11 @@ from workers.models import Chunk
 from workers.transports.stdio import _ProgressForwarder
 
 
+def _progress(chunk: Chunk) -> float:
+    assert isinstance(chunk.data, dict) and isinstance(chunk.data["progress"], int | float)
+    return float(chunk.data["progress"])
+
+
 def test_flood_against_a_stalled_sink_keeps_a_bounded_queue_and_the_newest_state() -> None:
     async def run() -> tuple[list[Chunk], int, int]:
         delivered: list[Chunk] = []
@@ -29,7 +34,7 @@ def test_flood_against_a_stalled_sink_keeps_a_bounded_queue_and_the_newest_state
     assert waiting <= 101  # 100 queued + the newest; before the bound: all 50 000
     assert len(delivered) <= 101 and coalesced == 50_000 - len(delivered)
     assert [c.seq for c in delivered] == list(range(len(delivered)))
-    progress = [c.data["progress"] for c in delivered]  # type: ignore[index]
+    progress = [_progress(c) for c in delivered]
     assert progress == sorted(progress) and progress[-1] == 50_000  # in order, and the last state arrives
 
 
