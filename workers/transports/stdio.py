@@ -12,10 +12,15 @@ A crash fails the calls in flight at once (the SDK wakes pending requests when s
 the pipe's typed error; the next call starts a new generation, after a backoff that doubles with
 each consecutive failure (0.25 s … 30 s) and resets on a successful call.
 
-Errors: a server that cannot start or exits → ``ServerCrashed``; garbage on stdout → ``ProtocolError``;
+Errors: a server that cannot start or exits → ``ServerCrashed`` (also: a ``${NAME}`` of its ``env`` not
+set, an unknown ``user``/``group``, a kill by a resource limit such as SIGXCPU); garbage on stdout → ``ProtocolError``;
 no answer to the handshake within ``startup_timeout`` or to a call within its timeout →
 ``InvocationTimeout`` (the SDK sends ``notifications/cancelled`` for an abandoned call); an answer over
-``max_output_bytes`` → ``PayloadTooLarge``; a JSON-RPC error answer → ``ToolError``.
+``max_output_bytes`` → ``PayloadTooLarge``; a JSON-RPC error answer → ``ToolError``. A limit the tool
+itself runs into (open files, address space) is the tool's own failure: an ``is_error`` result.
+
+Progress notifications become stream chunks through a bounded queue per call: a flood is coalesced
+(the newest state is kept), never buffered without limit (see :class:`_ProgressForwarder`).
 """
 
 from __future__ import annotations
