@@ -80,7 +80,10 @@ class GatewayServer(_ServerBase):
     """A server reached through the Gateway REST API (``http``) or its SSE stream (``sse``)."""
 
     transport: Literal["http", "sse"]
-    server_id: str | None = Field(default=None, description="the Gateway's id; defaults to name")
+    # The id goes into Gateway URLs (GET /servers/{id}): no "/", no leading "." (so never "." or "..").
+    server_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,255}$", description="the Gateway's id; defaults to name"
+    )
 
     @property
     def gateway_id(self) -> str:
