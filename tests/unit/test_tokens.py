@@ -166,3 +166,19 @@ def test_operator_signature_binds_task_action_and_target() -> None:
         check_operator_signature(signature, key=None, task_id="task-1", action="reset", target="*")
     with pytest.raises(AuthorizationDenied):
         check_operator_signature(None, key="op-key-0123456789", task_id="task-1", action="reset", target="*")
+
+
+def test_client_refuses_a_malformed_token_before_enqueueing() -> None:
+    from config.settings import Settings
+    from workers.client import SarkClient
+
+    # Port 1: nothing listens there, so any attempt to enqueue would fail differently (and slowly).
+    dead = "redis://127.0.0.1:1/0"
+    client = SarkClient(Settings(_env_file=None, broker_url=dead, redis_url=dead, token_key=KEY))  # type: ignore[call-arg]
+    for token in (CANARY + "\n", CANARY + "\u00e9", CANARY + "x" * 10_000):
+        with pytest.raises(InvalidToken) as info:
+            client.invoke("echo", "echo", {}, token=token)
+        assert CANARY not in str(info.value)
+    unsealed = SarkClient(Settings(_env_file=None, broker_url=dead, redis_url=dead, token_key=None))  # type: ignore[call-arg]
+    with pytest.raises(InvalidToken, match="no SARK_TOKEN_KEY"):
+        unsealed.invoke("echo", "echo", {}, token="well-formed-token")
