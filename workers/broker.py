@@ -18,6 +18,10 @@ neither place; seen in one run in six to eight of the Redis-restart fault test).
 this process and pushed back onto its queue, marked redelivered, before the next ``BRPOP`` on the new
 connection (:class:`QoS`, :meth:`Channel._requeue_orphans`).
 
+A third: the event loop's connections no longer retry a failed read by reconnecting in place (redis-py's
+default), which could leave the worker's main thread blocked for good on a fresh pub/sub socket after
+a Redis restart (:meth:`Channel._connparams`).
+
 Used for ``redis://`` and ``rediss://`` brokers (see :func:`broker_transport`); any other broker URL
 keeps kombu's own transport.
 """
@@ -30,7 +34,9 @@ from collections import deque
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 __all__ = ["Channel", "QoS", "Transport", "broker_transport"]
 
@@ -115,7 +121,16 @@ class Channel(kombu_redis.Channel):
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection is None or self.connection.client is None:
             raise RedisConnectionError("the broker connection is already closed")
-        return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+        params = super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+        if asynchronous:
+            # The event loop's connections (BRPOP, the pub/sub of broadcasts) must never reconnect inside
+            # a read: redis-py 6+ retries a failed read 3 times by default, reconnecting (and
+            # re-subscribing) in between; once Redis is back, the retried read blocks the worker's main
+            # thread on a fresh socket nothing will ever write to (seen: a worker hung for good after a
+            # Redis restart, stack in PubSub._execute -> call_with_retry). Without retries the read
+            # raises, and kombu/Celery reconnect the consumer as they do for any lost connection.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
 
 
 class Transport(kombu_redis.Transport):

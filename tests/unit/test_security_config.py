@@ -38,7 +38,8 @@ def test_tokens_in_clear_are_warned_about(tmp_path: Path) -> None:
 
 
 def test_policy_without_a_verification_key_is_an_error(tmp_path: Path) -> None:
-    settings = Settings(_env_file=None, token_key=KEY)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, token_key=KEY, auth_hs256_secret=None, auth_public_key=None,  # type: ignore[call-arg]
+                        auth_jwks_path=None)
     found = _where(check_security(_registry(tmp_path, True), settings))  # type: ignore[arg-type]
     assert found["servers.time.policy"] == "error"
     verified = Settings(_env_file=None, token_key=KEY, auth_hs256_secret="s" * 32)  # type: ignore[call-arg]
