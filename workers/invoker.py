@@ -34,7 +34,7 @@ from workers.models import (
 from workers.runtime import Runtime
 from workers.scrub import call_secrets, register_settings_secrets, scrub_error
 from workers.streams import StreamPublisher
-from workers.tokens import check_not_expired, open_token
+from workers.tokens import ENCRYPTED_PREFIX, check_not_expired, open_token
 from workers.transports.base import Call, ToolOutcome
 
 __all__ = ["execute", "resolve", "resolve_timeout"]
@@ -114,7 +114,9 @@ async def execute(
     register_settings_secrets(s)
     publisher: StreamPublisher | None = None
     with contextlib.ExitStack() as scope:
-        scope.enter_context(call_secrets(token_header if isinstance(token_header, str) else None))
+        # A sealed header is ciphertext bound to this task; a clear one is the token itself.
+        clear_header = isinstance(token_header, str) and not token_header.startswith(ENCRYPTED_PREFIX)
+        scope.enter_context(call_secrets(token_header if clear_header else None))  # type: ignore[arg-type]
         try:
             if isinstance(raw, dict) and raw.get("stream"):
                 publisher = StreamPublisher(

@@ -121,27 +121,36 @@ def open_token(
     if len(value) > 2 * max_bytes + 512:
         raise InvalidToken(f"the sealed token is {len(value)} characters long, too long for a "
                            f"{max_bytes}-character token", {"limit": max_bytes})
+    fernet = _fernet(key)
     try:
         raw = value[len(ENCRYPTED_PREFIX):].encode("ascii")
-        fernet = _fernet(key)
-        payload = fernet.decrypt(raw)
-        sealed_at = fernet.extract_timestamp(raw)
+        # One decode on the way that succeeds: Fernet checks the age (and a time in the future) itself.
+        payload = fernet.decrypt(raw, ttl=int(ttl))
         data = json.loads(payload)
     except (_BadFernet, ValueError, UnicodeError):
-        raise InvalidToken("the sealed token could not be opened with this worker's SARK_TOKEN_KEY") from None
+        raise _unopened(fernet, value, ttl) from None
     if not (isinstance(data, dict) and data.get("v") == _VERSION and isinstance(data.get("tok"), str)
             and isinstance(data.get("tid"), str)):
         raise InvalidToken("the sealed token is not in the expected form (v, tid, tok)")
-    age = time.time() - sealed_at
-    if age > ttl:
-        raise InvalidToken(f"the sealed token is {age:.0f}s old, limit is {ttl:g}s (SARK_TOKEN_TTL)",
-                           {"age": round(age, 3), "limit": ttl})
-    if age < -_FUTURE_SKEW:
-        raise InvalidToken("the sealed token was sealed in the future (check the clocks)")
     if data["tid"] != task_id:
         raise InvalidToken("the sealed token belongs to another task: a sealed token is valid for the task "
                            "it was sealed for only")
     return validate_token(data["tok"], max_bytes=max_bytes)
+
+
+def _unopened(fernet: Fernet, value: str, ttl: float) -> InvalidToken:
+    """Why a sealed token did not open: too old, from the future, or not sealed with this key."""
+    try:
+        sealed_at = fernet.extract_timestamp(value[len(ENCRYPTED_PREFIX):].encode("ascii"))
+    except (_BadFernet, ValueError, UnicodeError):
+        return InvalidToken("the sealed token could not be opened with this worker's SARK_TOKEN_KEY")
+    age = time.time() - sealed_at
+    if age > ttl:
+        return InvalidToken(f"the sealed token is {age:.0f}s old, limit is {ttl:g}s (SARK_TOKEN_TTL)",
+                            {"age": round(age, 3), "limit": ttl})
+    if age < -_FUTURE_SKEW:
+        return InvalidToken("the sealed token was sealed in the future (check the clocks)")
+    return InvalidToken("the sealed token could not be opened (its payload is not JSON)")
 
 
 def _expiry(token: str) -> float | None:
