@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_REGISTRY_PATH", "Settings", "get_settings"]
@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     # --- logging ------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("token_key", "operator_key", "gateway_api_key", "auth_hs256_secret", "auth_public_key",
+                     "auth_jwks_path", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `SARK_TOKEN_KEY=` (an .env line left blank, as in .env.example) means "not set", not "the key ''".
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

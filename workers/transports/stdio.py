@@ -174,6 +174,9 @@ class ServerPool:
             log.info("stdio server %s ready in %.0f ms (pid %s, protocol %s)", name,
                      1000 * (time.perf_counter() - started), gen.pipe.pid, client.protocol_version,
                      extra={"stdio_server": name, "server_pid": gen.pipe.pid})
+            # Idle time counts from readiness: a start slower than idle_timeout (seen: 1.5 s on a slow
+            # machine) would otherwise retire the generation before the calls waiting for it could run.
+            gen.last_used = time.monotonic()
             gen.ready.set_result(client)
             try:
                 await self._hold(gen)
