@@ -182,3 +182,10 @@ def test_client_refuses_a_malformed_token_before_enqueueing() -> None:
     unsealed = SarkClient(Settings(_env_file=None, broker_url=dead, redis_url=dead, token_key=None))  # type: ignore[call-arg]
     with pytest.raises(InvalidToken, match="no SARK_TOKEN_KEY"):
         unsealed.invoke("echo", "echo", {}, token="well-formed-token")
+
+
+def test_the_readme_recipe_for_plain_celery_apps_opens() -> None:
+    """README, "Without installing this project": sealing with nothing but ``cryptography`` and ``json``."""
+    task_id, user_jwt = "3f1c0f1e-task", "header.payload.signature"
+    sealed = Fernet(KEY).encrypt(json.dumps({"v": 1, "tid": task_id, "tok": user_jwt}).encode()).decode()
+    assert open_token("fernet:" + sealed, task_id=task_id, **OPEN) == user_jwt
