@@ -30,6 +30,7 @@ from workers.errors import (
     InvalidInvocation,
     InvocationTimeout,
     SarkError,
+    StoreUnavailable,
     UnknownServer,
 )
 from workers.invoker import execute
@@ -45,6 +46,10 @@ log = logging.getLogger("sark.tasks")
 
 #: Seconds added to a call's own deadline before the task stops waiting for the loop.
 _WAIT_MARGIN = 5.0
+#: Re-queues of an invocation whose worker could not reach its own Redis before calling the tool, and the
+#: pause before each (a Redis restart takes a few seconds; a longer outage fails typed).
+_STORE_RETRIES = 10
+_STORE_RETRY_DELAY = 2.0
 
 
 def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
@@ -109,6 +114,12 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     except Cancelled:
         if runtime.draining:  # interrupted by the worker's shutdown, not by the caller: run it elsewhere
             raise Reject("worker shutting down", requeue=True) from None
+        raise
+    except StoreUnavailable as exc:
+        # The worker's Redis was unreachable before the tool was called: put the invocation back (with a
+        # pause) instead of failing it; once the tool may have run, fail with the typed error.
+        if exc.detail.get("reached_target") is False and self.request.retries < _STORE_RETRIES:
+            raise self.retry(exc=exc, countdown=_STORE_RETRY_DELAY, max_retries=_STORE_RETRIES) from None
         raise
     except CircuitOpen as exc:
         # Re-queue after the breaker's remaining open time, if configured (default: fail fast).

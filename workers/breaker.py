@@ -45,8 +45,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from config.registry import BreakerOverrides, GatewayServer, Registry, StdioServer
@@ -55,6 +53,7 @@ from workers.breaker_store import BreakerStore, Decision, LocalStore, Outcome, R
 from workers.breaker_watch import BreakerWatch
 from workers.errors import CircuitOpen, InvalidInvocation, SarkError
 from workers.keys import breaker_key
+from workers.redis_client import reconnecting_client
 
 __all__ = [
     "BreakerBoard",
@@ -249,13 +248,12 @@ class BreakerBoard:
     def from_settings(cls, settings: Settings, registry: Registry) -> BreakerBoard:
         """A board with its own Redis client: short timeouts, one reconnect, then the fallback."""
         timeout = settings.breaker_store_timeout
-        client = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
+        # One reconnect and re-send after a dropped connection (a Redis restart), then the local fallback.
+        client = reconnecting_client(settings.redis_url, retries=1, backoff_cap=0.05, socket_timeout=timeout,
+                                     socket_connect_timeout=timeout)
         # The change feed blocks on its socket: no socket timeout there; its health checks notice a dead link.
+        # It must NOT reconnect silently: changes published while it was away would be missed while this
+        # process still trusted its memory; BreakerWatch notices the loss, forgets, and resubscribes itself.
         feed = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=timeout, socket_keepalive=True, health_check_interval=5
         )

@@ -14,7 +14,8 @@ Callers catch :class:`SarkError`; every failure a task can end with is one of th
     ├── TransportError             the target could not be talked to
     │   ├── GatewayUnavailable     connection refused/reset, DNS, TLS
     │   ├── ProtocolError          malformed SSE event, JSON-RPC line or JSON body
-    │   └── ServerCrashed          a stdio server exited or could not start
+    │   ├── ServerCrashed          a stdio server exited or could not start
+    │   └── StoreUnavailable       the worker's Redis (streams, breakers) could not be reached
     ├── CircuitOpen(retry_after)   the target's breaker is open; no call was made
     ├── Cancelled                  the invocation was cancelled by its caller
     └── InternalError              a fault of the worker itself (details only in the worker log)
@@ -42,6 +43,7 @@ __all__ = [
     "ProtocolError",
     "SarkError",
     "ServerCrashed",
+    "StoreUnavailable",
     "TokenExpired",
     "ToolError",
     "TransportError",
@@ -175,6 +177,18 @@ class ServerCrashed(TransportError):
     code = "server_crashed"
 
 
+class StoreUnavailable(TransportError):
+    """The worker's own Redis (streams, attempt counter) could not be reached, after reconnecting.
+
+    Not the target's fault: it never counts against the target's breaker. ``detail["reached_target"]``
+    says whether the tool had been called; when it had not, the worker puts the invocation back in its
+    queue instead of failing it.
+    """
+
+    code = "store_unavailable"
+    counts_as_failure = False
+
+
 class CircuitOpen(SarkError):
     """The target's breaker is open: the call was not attempted.
 
@@ -217,6 +231,7 @@ _BY_NAME: dict[str, type[SarkError]] = {
         GatewayUnavailable,
         ProtocolError,
         ServerCrashed,
+        StoreUnavailable,
         CircuitOpen,
         Cancelled,
         InternalError,

@@ -25,6 +25,7 @@ from workers.errors import Cancelled, InvalidInvocation
 from workers.gateway_client import GatewayClient
 from workers.loop import EventLoopThread
 from workers.models import TransportName
+from workers.redis_client import reconnecting_client
 from workers.transports.base import Transport
 from workers.transports.http import HttpTransport
 from workers.transports.sse import SseTransport
@@ -54,7 +55,7 @@ class Runtime:
 
     async def _open(self) -> None:
         # Every async resource is created on the loop that will use it.
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+        self.redis: aioredis.Redis = reconnecting_client(
             self.settings.redis_url, health_check_interval=10, socket_keepalive=True
         )
         self.gateway = GatewayClient(self.settings)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.errors import Cancelled, PayloadTooLarge, SarkError
+from workers.errors import Cancelled, PayloadTooLarge, SarkError, StoreUnavailable
 from workers.keys import stream_key
 from workers.models import Chunk
 
@@ -176,13 +176,20 @@ class StreamPublisher:
         self._buffer: list[tuple[str, dict[str, str | int | float]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        #: True once :meth:`open` succeeded: from then on the invocation may have reached its target.
+        self._opened = False
 
     async def open(self) -> None:
-        """Find what an earlier delivery of this invocation already published (redeliveries)."""
+        """Find what an earlier delivery of this invocation already published (redeliveries).
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached (``reached_target`` false: nothing was called yet).
+        """
         try:
             last = await self._redis.xrevrange(self.key, count=1)
         except RedisError as exc:
-            raise self._redis_failure(exc) from exc
+            raise self._redis_failure(exc) from None
+        self._opened = True
         if not last:
             return
         raw_id, raw = last[0]
@@ -237,7 +244,8 @@ class StreamPublisher:
             raise
 
     def _redis_failure(self, exc: RedisError) -> SarkError:
-        return SarkError(f"cannot publish to stream {self.key}: {type(exc).__name__}: {exc}", {"what": "stream"})
+        return StoreUnavailable(f"cannot publish to stream {self.key}: {type(exc).__name__}: {exc}",
+                                {"what": "stream", "reached_target": self._opened})
 
     async def flush(self) -> None:
         """Wait until every chunk handed to :meth:`sink` is in Redis."""

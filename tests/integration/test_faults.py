@@ -171,3 +171,80 @@ def test_redis_restart_under_load(
     tally.report("Redis restart under load (AOF)")
     assert tally.lost == 0, sorted(set(tally.other))[:5]
     assert tally.completed == tally.sent, sorted(set(tally.other))[:5]
+
+
+@pytest.mark.parametrize("how", ["graceful", "kill -9"])
+def test_first_streamed_invocations_after_a_redis_restart_succeed(
+    stack: DevStack, private_redis: Proc, user_token: str, queue: str, how: str
+) -> None:
+    """Every Redis client of the worker reconnects: the first streamed call after a restart succeeds."""
+    from workers import stream_client
+
+    url = private_redis.url
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    # Default visibility timeout and the session registry (stdio fixture server with progress).
+    env = {"SARK_BROKER_URL": url, "SARK_REDIS_URL": url, "SARK_QUEUE_SSE": queue + ".sse",
+           "SARK_QUEUE_STDIO": queue + ".stdio", "SARK_QUEUE_HTTP": queue + ".http"}
+    app = _client(env)
+    worker = stack.worker(f"restart-{how[:4]}", env=env, queues=f"{queue}.sse,{queue}.stdio", concurrency=4)
+
+    def streamed() -> list[int]:
+        sent = [_send_streamed(app, f"{queue}.sse", user_token, "echo-stream", "stream_data", {"count": 3}),
+                _send_streamed(app, f"{queue}.stdio", None, "fixture", "progress", {"steps": 3, "delay": 0.01})]
+        counts = []
+        for pending in sent:
+            result = wait_result(pending, 60)
+            chunks = list(stream_client.stream(pending.id, redis_url=url, idle_timeout=20))
+            assert result["chunks"] == len(chunks) == 3
+            counts.append(len(chunks))
+        return counts
+
+    restarted: Proc | None = None
+    try:
+        assert streamed() == [3, 3]  # warm: pooled connections exist
+        if how == "graceful":
+            private_redis.stop()
+        else:
+            private_redis.stop(sig=signal.SIGKILL)
+        restarted = start_redis(stack.log_dir, port=port, appendonly=True, data_dir=stack.log_dir / f"redis-{port}")
+        assert streamed() == [3, 3]  # the first ones after the restart, on the same worker process
+        assert worker.alive()
+    finally:
+        worker.stop()
+        if restarted is not None:
+            restarted.stop()
+        app.close()
+
+
+def _send_streamed(app: Celery, queue: str, token: str | None, server: str, tool: str,
+                   arguments: dict[str, Any]) -> AsyncResult:
+    task_id = str(uuid.uuid4())
+    invocation = {"server": server, "tool": tool, "arguments": arguments, "stream": True}
+    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
+                         headers=token_headers(token, task_id))
+
+
+def test_streamed_invocation_waits_for_its_redis_instead_of_failing(
+    stack: DevStack, private_redis: Proc, user_token: str, queue: str
+) -> None:
+    """The streams' Redis is down when an invocation starts: it is put back and runs once Redis is back."""
+    assert stack.redis is not None
+    url = private_redis.url
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    env = {"SARK_REDIS_URL": url, "SARK_RESULT_BACKEND": stack.redis.url, "SARK_QUEUE_SSE": queue}
+    app = _client(env)
+    worker = stack.worker("store-down", env=env, queues=queue, concurrency=2)
+    restarted: Proc | None = None
+    try:
+        private_redis.stop(sig=signal.SIGKILL)
+        pending = _send_streamed(app, queue, user_token, "echo-stream", "stream_data", {"count": 3})
+        time.sleep(3)  # the worker meets the dead Redis and puts the invocation back (retry)
+        restarted = start_redis(stack.log_dir, port=port, appendonly=True, data_dir=stack.log_dir / f"redis-{port}")
+        result = wait_result(pending, 60)
+        assert result["chunks"] == 3 and result["is_error"] is False
+        assert "StoreUnavailable" in worker.log() or "store_unavailable" in worker.log()
+    finally:
+        worker.stop()
+        if restarted is not None:
+            restarted.stop()
+        app.close()

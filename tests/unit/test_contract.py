@@ -19,7 +19,8 @@ PUBLIC_API = {
     "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InternalError", "InvalidInvocation",
     "InvalidToken", "Invocation",
     "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
-    "SarkError", "ServerCrashed", "TokenExpired", "ToolError", "TransportError", "UnknownServer", "__version__",
+    "SarkError", "ServerCrashed", "StoreUnavailable", "TokenExpired", "ToolError", "TransportError", "UnknownServer",
+    "__version__",
     "stream", "astream",
 }
 
@@ -46,6 +47,7 @@ def test_task_names_are_stable() -> None:
         errors.PayloadTooLarge("big", {"limit": 10, "size": 11}),
         errors.ServerCrashed("died"),
         errors.InvalidToken("the token is empty"),
+        errors.StoreUnavailable("cannot publish to stream", {"what": "stream", "reached_target": False}),
         errors.InternalError("internal error in the worker (TypeError); see the worker log"),
     ],
 )
