@@ -8,7 +8,7 @@ import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Reject
 
 from workers.app import app
@@ -94,6 +94,16 @@ def _attempt(task: Task, runtime: Runtime, request_id: str) -> int:
         return 2
 
 
+def _stored_result(task: Task, request_id: str) -> dict[str, Any] | None:
+    """The result an earlier delivery of this invocation stored, if it succeeded (one backend read)."""
+    try:
+        meta = task.backend.get_task_meta(request_id, cache=False)
+    except Exception:  # the backend is unreachable: carry the invocation out as usual
+        return None
+    result = meta.get("result")
+    return result if meta.get("status") == states.SUCCESS and isinstance(result, dict) else None
+
+
 @app.task(name=TASK_INVOKE, bind=True, throws=(SarkError,))
 def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     """Carry out one MCP tool invocation; returns InvocationResult JSON or raises a SarkError."""
@@ -104,6 +114,13 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     wait = s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max) + _WAIT_MARGIN
     attempt = _attempt(self, runtime, request_id)
     if attempt > 1:
+        stored = _stored_result(self, request_id)
+        if stored is not None:
+            # An earlier delivery finished (its message came back after the visibility timeout, or its
+            # worker died before acknowledging): hand back its result instead of calling the tool again.
+            log.warning("redelivered invocation %s (attempt %d) had already finished: its stored result is "
+                        "returned, the tool is not called again", request_id, attempt)
+            return stored
         log.warning("redelivered invocation %s (attempt %d): same request_id sent again", request_id, attempt)
     coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
                    attempt=attempt)

@@ -248,3 +248,21 @@ def test_streamed_invocation_waits_for_its_redis_instead_of_failing(
         if restarted is not None:
             restarted.stop()
         app.close()
+
+
+def test_redelivery_of_a_finished_invocation_returns_its_stored_result(
+    celery_client: Celery, worker: Proc, user_token: str, gateway_control: GatewayControl
+) -> None:
+    """A message that comes back after its invocation finished does not call the tool a second time."""
+    first = _send(celery_client, "sark.http", user_token, "add", {"a": 20, "b": 22})
+    result = wait_result(first, 30)
+    assert gateway_control.stats()["invocations"] == 1
+    # The same message again, as Redis hands it back after the visibility timeout: same id, redelivered.
+    headers = {**(token_headers(user_token, first.id) or {}), "redelivered": True}
+    again = celery_client.send_task(TASK_INVOKE, task_id=first.id, kwargs={"invocation": {
+        "server": "echo", "tool": "add", "arguments": {"a": 20, "b": 22}}}, headers=headers, queue="sark.http")
+    # (The result is the stored one at once for a reader; wait for the worker to have handled the message.)
+    line = f"redelivered invocation {again.id} (attempt 2) had already finished"
+    wait_for(lambda: line in worker.log(), 30, "the worker to handle the redelivery")
+    assert wait_result(again, 30) == result
+    assert gateway_control.stats()["invocations"] == 1  # not called again
