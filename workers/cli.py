@@ -6,12 +6,26 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.errors import SarkError
 
 __all__ = ["main"]
 
 QUEUE_BY_TRANSPORT = {"http": "queue_http", "sse": "queue_sse", "stdio": "queue_stdio"}
+#: Default of --wait (seconds) for ``sark invoke`` and ``sark stream``.
+DEFAULT_WAIT = 120.0
+#: Default of ``sark stream --grace`` (seconds).
+DEFAULT_GRACE = 2.0
+#: Exit code of ``sark stream`` when there is no stream to follow.
+NO_STREAM = 3
+#: Longest single XREAD BLOCK of the CLI's stream reader (milliseconds).
+BLOCK_MS = 5_000
+#: Seconds between two reads of a quiet stream's task state in the result backend (one GET each).
+CHECK_EVERY = 0.5
 
 
 def _print_json(data: Any) -> None:
@@ -45,9 +59,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
-    """Enqueue one invocation; print its result (and its chunks with --stream)."""
+    """Enqueue one invocation; print its result (and its chunks with --stream), all within --wait seconds."""
     from workers.errors import SarkError
 
+    deadline = time.monotonic() + args.wait
     try:
         arguments = json.loads(args.args)
     except ValueError as exc:
@@ -60,19 +75,33 @@ def cmd_invoke(args: argparse.Namespace) -> int:
                                stream=args.stream, timeout=args.timeout)
     except SarkError as exc:  # refused before enqueueing (e.g. a malformed token): nothing was sent
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        client.close()
         return 2
     print(f"enqueued {handle.id}", file=sys.stderr)
     try:
-        if args.stream:
-            _follow(handle.stream())
-        result = handle.result(timeout=args.wait)
+        if args.stream and not _stream_task(client, handle.id, deadline=deadline):
+            print(f"invocation {handle.id} is over but its stream has no terminal entry; its outcome:",
+                  file=sys.stderr)
+        result = handle.result(timeout=_left(deadline))
     except SarkError as exc:
-        _print_json({"error": exc.to_dict(), "request_id": handle.id})
-        return 1
+        return _failed(exc, handle.id, args.wait, deadline)
     finally:
         client.close()
     _print_json(result.model_dump(mode="json"))
     return 0
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _failed(exc: SarkError, task_id: str, wait: float, deadline: float) -> int:
+    """Print a typed error (and, when --wait ran out, what to do next); the exit code."""
+    _print_json({"error": exc.to_dict(), "request_id": task_id})
+    if time.monotonic() >= deadline:
+        print(f"gave up after --wait {wait:g}s; invocation {task_id} may still be running "
+              f"(sark stream {task_id} follows it, sark cancel {task_id} stops it)", file=sys.stderr)
+    return 1
 
 
 def _follow(chunks: Any) -> int:
@@ -89,18 +118,105 @@ def _follow(chunks: Any) -> int:
     return count
 
 
-def cmd_stream(args: argparse.Namespace) -> int:
-    """Follow an invocation's stream until its terminal entry."""
-    from config.settings import get_settings
+class _NoStream(Exception):
+    """An id known to neither the streams nor the result backend (``sark stream``)."""
+
+
+class _TaskWatch:
+    """Tells a stream reader whether the task is over, from its state in the result backend.
+
+    With ``unknown_at`` (a ``time.monotonic()`` value), an id that still has no stream and no result then
+    raises :class:`_NoStream` (an unknown id is PENDING forever, like a queued task: the grace lets a task
+    just enqueued start).
+    """
+
+    def __init__(self, pending: Any, conn: Any, unknown_at: float | None) -> None:
+        self._pending = pending
+        self._conn = conn
+        self._unknown_at = unknown_at
+        self.over = False
+
+    def __call__(self) -> bool:
+        from celery import states
+
+        if self._state() in states.READY_STATES:
+            self.over = True
+            return True
+        if self._unknown_at is not None and time.monotonic() >= self._unknown_at and not self._has_stream():
+            raise _NoStream(f"no such invocation, or it was not streamed: {self._pending.id} has no stream "
+                            "and no result")
+        return False
+
+    def _state(self) -> str | None:
+        import redis
+
+        try:
+            return str(self._pending.backend.get_task_meta(self._pending.id, cache=False).get("status"))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return None  # the backend is restarting: --wait still bounds the read
+
+    def _has_stream(self) -> bool:
+        from workers.keys import stream_key
+
+        return bool(self._conn.exists(stream_key(self._pending.id)))
+
+
+def _stream_task(client: Any, task_id: str, *, deadline: float, after: str | None = None,
+                 unknown_at: float | None = None) -> bool:
+    """Print ``task_id``'s chunks until its terminal entry (True), or until its task is over without one (False).
+
+    Raises:
+        SarkError: the stream ended with an error or cancelled entry, or the deadline passed.
+        _NoStream: with ``unknown_at``, nothing is known of ``task_id`` by then.
+    """
+    import redis
+    from celery.result import AsyncResult
+
     from workers import stream_client
+    from workers.errors import ProtocolError
+
+    conn = redis.Redis.from_url(client.settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10)
+    watch = _TaskWatch(AsyncResult(task_id, app=client.app), conn, unknown_at)
+    try:
+        _follow(stream_client.stream(task_id, client=conn, after=after, block_ms=BLOCK_MS, idle_timeout=None,
+                                     timeout=_left(deadline), finished=watch, check_every=CHECK_EVERY))
+    except ProtocolError as exc:
+        if not (watch.over and exc.detail.get("finished")):
+            raise
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Follow an invocation's stream until its terminal entry, within --wait seconds.
+
+    Exit codes: 0 done, 1 the invocation failed or --wait ran out, 3 no stream (an unknown id, or a task
+    that was not streamed: its result is printed).
+    """
+    from celery.result import AsyncResult
+
+    from workers.client import wait_result
     from workers.errors import SarkError
 
+    start = time.monotonic()
+    deadline = start + args.wait
+    client = _client()
     try:
-        _follow(stream_client.stream(args.task_id, redis_url=get_settings().redis_url, after=args.after))
-    except SarkError as exc:  # the stream ended with an error or cancelled entry, or went idle
-        _print_json({"error": exc.to_dict(), "request_id": args.task_id})
-        return 1
-    return 0
+        if _stream_task(client, args.task_id, deadline=deadline, after=args.after, unknown_at=start + args.grace):
+            return 0
+        print(f"invocation {args.task_id} was not streamed (or its stream expired); its outcome:", file=sys.stderr)
+        _print_json(wait_result(AsyncResult(args.task_id, app=client.app), _left(deadline)))
+        return NO_STREAM
+    except _NoStream as exc:
+        print(f"error: {exc} after --grace {args.grace:g}s (if it is still queued, try again later or raise "
+              "--grace)", file=sys.stderr)
+        return NO_STREAM
+    except SarkError as exc:  # the stream ended with an error or cancelled entry, or --wait ran out
+        return _failed(exc, args.task_id, args.wait, deadline)
+    finally:
+        client.close()
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -202,6 +318,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sark`` argument parser."""
     parser = argparse.ArgumentParser(prog="sark", description="sark-workers: MCP tool invocations on Celery.")
@@ -224,12 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["http", "sse", "stdio"])
     p.add_argument("--stream", action="store_true", help="follow the invocation's chunks live")
     p.add_argument("--timeout", type=float, help="invocation timeout in seconds")
-    p.add_argument("--wait", type=float, default=120, help="seconds to wait for the result")
+    p.add_argument("--wait", type=_positive, default=DEFAULT_WAIT,
+                   help=f"seconds the whole command may take, stream included (default: {DEFAULT_WAIT:g})")
     p.set_defaults(fn=cmd_invoke)
 
     p = sub.add_parser("stream", help="follow an invocation's stream", description=cmd_stream.__doc__)
     p.add_argument("task_id")
     p.add_argument("--after", help="Redis stream entry id to resume after")
+    p.add_argument("--wait", type=_positive, default=DEFAULT_WAIT,
+                   help=f"seconds to follow the stream at most (default: {DEFAULT_WAIT:g})")
+    p.add_argument("--grace", type=_positive, default=DEFAULT_GRACE,
+                   help="seconds from the start an id with neither a stream nor a result may take to show "
+                        f"up (default: {DEFAULT_GRACE:g})")
     p.set_defaults(fn=cmd_stream)
 
     p = sub.add_parser("cancel", help="cancel an invocation", description=cmd_cancel.__doc__)

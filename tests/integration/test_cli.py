@@ -6,11 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from celery import Celery
 
-from workers.devstack import DevStack
+from tests.helpers import token_headers
+from workers.devstack import DEFAULT_JWT_SECRET, DevStack
+from workers.gateway import make_token
+from workers.tokens import generate_key
 
 pytestmark = pytest.mark.usefixtures("worker")
 COMMANDS = ["worker", "invoke", "stream", "cancel", "servers", "tools", "breakers", "check-config", "demo", "gateway"]
@@ -22,6 +29,27 @@ def sark(
     full_env = {**stack.base_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def timed_sark(stack: DevStack, *args: str, env: dict[str, str] | None = None
+               ) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``sark`` and its wall time in seconds (interpreter start included: about 1 s)."""
+    start = time.monotonic()
+    done = sark(stack, *args, env=env)
+    took = time.monotonic() - start
+    print(f"sark {' '.join(args)}: exit {done.returncode} in {took:.2f}s")  # shown with -rP or on failure
+    return done, took
+
+
+def task_id_of(done: subprocess.CompletedProcess[str]) -> str:
+    return done.stderr.split("enqueued ")[1].split()[0]
+
+
+def chunks_and_outcome(stdout: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The chunk lines ``sark`` printed, and the (indented) JSON after them."""
+    lines = stdout.splitlines()
+    cut = lines.index("{")
+    return [json.loads(line) for line in lines[:cut]], json.loads("\n".join(lines[cut:]))
 
 
 def test_help_for_every_command(stack: DevStack) -> None:
@@ -110,3 +138,78 @@ def test_invoke_stream_and_follow(stack: DevStack, user_token: str) -> None:
     again = sark(stack, "stream", task_id)  # anyone can follow it afterwards, from the start
     assert again.returncode == 0
     assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] == [0, 1, 2]
+
+
+def test_stream_of_an_unknown_id_ends_after_the_grace(stack: DevStack) -> None:
+    done, took = timed_sark(stack, "stream", str(uuid.uuid4()), "--wait", "5")
+    assert done.returncode == 3, done.stderr
+    assert "no such invocation, or it was not streamed" in done.stderr
+    assert took < 4.0, took  # the 2 s grace and the interpreter's start, not --wait
+
+
+def test_stream_of_a_non_streamed_task_prints_its_outcome(stack: DevStack, user_token: str) -> None:
+    ok = sark(stack, "invoke", "echo", "add", "--args", '{"a": 1, "b": 2}', env={"SARK_USER_TOKEN": user_token})
+    assert ok.returncode == 0, ok.stderr
+    done, took = timed_sark(stack, "stream", task_id_of(ok), "--wait", "30")
+    assert done.returncode == 3, done.stderr
+    assert "was not streamed" in done.stderr
+    assert json.loads(done.stdout)["result"]["structuredContent"] == {"sum": 3.0}
+    assert took < 3.0, took  # at once: the task's result is already in
+
+    denied = sark(stack, "invoke", "restricted", "echo", env={"SARK_USER_TOKEN": user_token})
+    assert denied.returncode == 1
+    done, took = timed_sark(stack, "stream", task_id_of(denied), "--wait", "30")
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["error"]["type"] == "AuthorizationDenied"
+    assert took < 3.0, took
+
+
+def test_stream_of_a_streamed_task_cancelled_before_it_ran(stack: DevStack, celery_client: Celery,
+                                                            user_token: str) -> None:
+    task_id = str(uuid.uuid4())
+    celery_client.control.revoke(task_id)  # the worker drops it on arrival: it never opens its stream
+    celery_client.send_task(
+        "sark.invoke", task_id=task_id, headers=token_headers(user_token, task_id),
+        kwargs={"invocation": {"server": "echo-stream", "tool": "stream_data", "stream": True}},
+    )
+    done, took = timed_sark(stack, "stream", task_id, "--wait", "30")
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["error"]["type"] == "Cancelled"
+    assert took < 4.0, took
+
+
+@pytest.mark.parametrize("case", ["expired", "sealed-with-another-key"])
+def test_invoke_stream_with_a_refused_token_ends_at_once(stack: DevStack, case: str) -> None:
+    if case == "expired":
+        env = {"SARK_USER_TOKEN": make_token(DEFAULT_JWT_SECRET, teams=["users"], ttl=-60)}
+        expected = "TokenExpired"
+    else:  # the worker cannot open what this CLI sealed
+        env = {"SARK_USER_TOKEN": make_token(DEFAULT_JWT_SECRET, teams=["users"]), "SARK_TOKEN_KEY": generate_key()}
+        expected = "InvalidToken"
+    done, took = timed_sark(stack, "invoke", "echo-stream", "stream_data", "--stream", "--wait", "30", env=env)
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["error"]["type"] == expected
+    assert took < 4.0, took
+
+
+def test_wait_bounds_a_slow_stream(stack: DevStack, user_token: str) -> None:
+    slow = '{"count": 200, "interval": 0.2}'  # 40 s of chunks
+    done, took = timed_sark(stack, "invoke", "echo-stream", "stream_data", "--args", slow, "--stream",
+                            "--wait", "2", env={"SARK_USER_TOKEN": user_token})
+    task_id = task_id_of(done)
+    try:
+        assert done.returncode == 1, done.stderr
+        _, outcome = chunks_and_outcome(done.stdout)  # chunks until --wait ran out, if any came in time
+        assert outcome["error"]["type"] == "InvocationTimeout"
+        assert "gave up after --wait 2s" in done.stderr
+        assert took < 2 + 2.0, took  # --wait, plus the interpreter's start and a margin
+
+        # `sark stream` follows a live stream (task still running) until its own --wait.
+        again, took = timed_sark(stack, "stream", task_id, "--wait", "1.5", "--grace", "0.5")
+        assert again.returncode == 1, again.stderr
+        chunks, outcome = chunks_and_outcome(again.stdout)
+        assert chunks[0]["seq"] == 0 and outcome["error"]["type"] == "InvocationTimeout"
+        assert "gave up after --wait 1.5s" in again.stderr
+        assert took < 1.5 + 2.0, took
+    finally:
+        assert sark(stack, "cancel", task_id).returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -14,7 +15,7 @@ from tests.helpers import send_invoke, token_headers
 from workers import stream_client
 from workers.client import SarkClient
 from workers.devstack import wait_for
-from workers.errors import Cancelled, InvalidInvocation, InvocationTimeout
+from workers.errors import Cancelled, InvalidInvocation, InvocationTimeout, ProtocolError
 from workers.models import Chunk
 from workers.streams import entry_id
 
@@ -132,3 +133,76 @@ def test_position_arguments_are_checked() -> None:
         list(stream_client.stream("x", after="0-1", from_seq=2))
     with pytest.raises(InvalidInvocation):
         list(stream_client.stream("x", from_seq=-1))
+
+
+def test_timeout_bounds_a_live_stream(celery_client: Celery, user_token: str) -> None:
+    client = SarkClient(app=celery_client)
+    handle = client.invoke("echo-stream", "stream_data", {"count": 200, "interval": 0.1}, token=user_token,
+                           stream=True)
+    over = celery_client.AsyncResult(handle.id).ready
+    got: list[Chunk] = []
+    start = time.monotonic()
+    try:
+        with pytest.raises(InvocationTimeout, match=r"not finished within 1\.5s"):
+            for chunk in stream_client.stream(handle.id, timeout=1.5, finished=over):
+                got.append(chunk)
+        took = time.monotonic() - start
+        assert 1.5 <= took < 2.0, took
+        assert got and _seqs(got) == list(range(len(got)))  # a running task's stream is followed until then
+    finally:
+        handle.cancel()
+
+
+def test_finished_task_without_a_stream_ends_at_once(celery_client: Celery, user_token: str) -> None:
+    pending = send_invoke(celery_client, "echo", "add", {"a": 1, "b": 2}, token=user_token)  # not streamed
+    pending.get(timeout=WAIT)
+    start = time.monotonic()
+    with pytest.raises(ProtocolError, match="no terminal entry") as raised:
+        list(stream_client.stream(pending.id, timeout=WAIT, finished=pending.ready))
+    assert raised.value.detail["finished"] is True
+    assert time.monotonic() - start < 0.5  # one read, one check: no block
+
+
+def test_finished_check_keeps_every_entry_of_a_finished_stream(celery_client: Celery, user_token: str) -> None:
+    pending = send_invoke(celery_client, "echo-stream", "stream_data", {"count": 20}, token=user_token, stream=True)
+    pending.get(timeout=WAIT)
+    entries = list(stream_client.follow(pending.id, finished=lambda: True))  # over, yet its stream is read whole
+    assert [e.kind for e in entries] == ["chunk"] * 20 + ["done"]
+
+
+def test_finished_check_while_a_stream_runs(celery_client: Celery, user_token: str) -> None:
+    """The check runs between reads of a quiet stream, and a True check never cuts the stream short."""
+    pending = send_invoke(celery_client, "echo-stream", "stream_data", {"count": 10, "interval": 0.1},
+                          token=user_token, stream=True)
+    checks: list[bool] = []
+
+    def finished() -> bool:
+        checks.append(pending.ready())
+        return checks[-1]
+
+    assert _seqs(list(stream_client.stream(pending.id, timeout=WAIT, finished=finished, check_every=0.05))) == \
+        list(range(10))
+    assert checks  # called while the stream was quiet
+
+
+def test_async_finished_check(celery_client: Celery, user_token: str) -> None:
+    pending = send_invoke(celery_client, "echo", "add", {"a": 1, "b": 2}, token=user_token)
+    pending.get(timeout=WAIT)
+
+    async def finished() -> bool:
+        return bool(await asyncio.to_thread(pending.ready))
+
+    async def read() -> list[Chunk]:
+        return [chunk async for chunk in stream_client.astream(pending.id, timeout=WAIT, finished=finished)]
+
+    with pytest.raises(ProtocolError, match="no terminal entry"):
+        asyncio.run(read())
+
+
+def test_timeout_on_an_unknown_stream() -> None:
+    start = time.monotonic()
+    with pytest.raises(InvocationTimeout, match=r"not finished within 0\.3s"):
+        list(stream_client.stream(str(uuid.uuid4()), timeout=0.3))
+    assert time.monotonic() - start < 0.6
+    with pytest.raises(InvocationTimeout):
+        list(stream_client.stream(str(uuid.uuid4()), timeout=0.3, finished=lambda: False, check_every=0.1))
