@@ -29,7 +29,7 @@ from workers.contract import (
     TOKEN_HEADER,
 )
 from workers.display import invocation_repr
-from workers.errors import Cancelled, InvalidToken, InvocationTimeout, SarkError
+from workers.errors import Cancelled, InvalidToken, InvocationTimeout, ProtocolError, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
 from workers.tokens import seal_token, validate_token
 
@@ -115,11 +115,22 @@ class InvocationHandle:
         return InvocationResult.model_validate(wait_result(self._pending, timeout))
 
     def stream(self, *, after: str | None = None, block_ms: int = 5_000) -> Iterator[Chunk]:
-        """Chunks from the start (or after the Redis entry id ``after``), until the stream ends."""
+        """Chunks from the start (or after the Redis entry id ``after``), until the stream ends.
+
+        Raises:
+            SarkError: the invocation's typed error, also when it failed before publishing anything
+                (the task's state is checked while no chunk arrives, so a failed task never leaves the
+                reader waiting); :class:`ProtocolError` when it finished without a stream.
+        """
         from workers import stream_client
 
-        yield from stream_client.stream(self.id, redis_url=self._client.settings.redis_url, after=after,
-                                        block_ms=block_ms)
+        try:
+            yield from stream_client.stream(self.id, redis_url=self._client.settings.redis_url, after=after,
+                                            block_ms=block_ms, finished=self._pending.ready)
+        except ProtocolError as exc:
+            if exc.detail.get("finished"):
+                self.result(timeout=30)  # raises the task's own typed error, if it failed
+            raise
 
     def cancel(self) -> None:
         """Cancel: a queued invocation is never started, a running one is interrupted."""
@@ -230,8 +241,17 @@ class AsyncSarkClient:
         """Chunks of ``handle``'s stream, read with the async Redis client."""
         from workers import stream_client
 
-        async for chunk in stream_client.astream(handle.id, redis_url=self.sync.settings.redis_url, after=after):
-            yield chunk
+        async def finished() -> bool:
+            return await asyncio.to_thread(handle._pending.ready)
+
+        try:
+            async for chunk in stream_client.astream(handle.id, redis_url=self.sync.settings.redis_url, after=after,
+                                                     finished=finished):
+                yield chunk
+        except ProtocolError as exc:
+            if exc.detail.get("finished"):
+                await self.result(handle, timeout=30)  # the task's own typed error, if it failed
+            raise
 
     async def list_servers(self, user_id: str | None = None) -> list[GatewayServerInfo]:
         """Servers the Gateway knows."""

@@ -74,3 +74,26 @@ def test_async_client(stack: DevStack, user_token: str, worker: Proc) -> None:
     result, seqs = asyncio.run(scenario())
     assert result.result["structuredContent"] == {"async": True}
     assert seqs == [0, 1, 2]
+
+
+def test_stream_of_a_task_that_failed_before_streaming_raises_at_once(client: SarkClient) -> None:
+    from workers.client import InvocationHandle
+    from workers.contract import TASK_INVOKE
+    from workers.errors import SarkError
+
+    # Not even the task's signature: Celery fails it before the worker could open a stream.
+    handle = InvocationHandle(client, client.app.send_task(TASK_INVOKE, kwargs={"nope": 1}))
+    started = time.monotonic()
+    with pytest.raises(SarkError, match="TypeError"):
+        list(handle.stream())
+    assert time.monotonic() - started < 10  # was: the reader's 600 s idle limit
+
+    async def follow() -> None:
+        async_client = AsyncSarkClient(client.settings, client.app)
+        async for _ in async_client.stream(InvocationHandle(client, client.app.send_task(TASK_INVOKE, args=[1, 2]))):
+            pass
+
+    started = time.monotonic()
+    with pytest.raises(SarkError, match="TypeError"):
+        asyncio.run(follow())
+    assert time.monotonic() - started < 10
