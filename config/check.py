@@ -177,6 +177,11 @@ def check_security(registry: Registry, settings: Settings) -> list[Problem]:
                                 "no SARK_OPERATOR_KEY: the sark.breakers task refuses every reset (the CLI, which "
                                 "talks to Redis directly, still works)"))
     verifies = settings.auth_hs256_secret or settings.auth_public_key or settings.auth_jwks_path
+    if verifies and any(server.policy is not None for server in registry.servers.values()) and not (
+            settings.auth_audience or settings.auth_issuer):
+        problems.append(Problem("warning", "settings.auth_audience",
+                                "policies accept any token the key verifies, whatever service it was issued for: "
+                                "set SARK_AUTH_AUDIENCE and/or SARK_AUTH_ISSUER"))
     for server in registry.servers.values():
         if server.policy is not None and not verifies:
             problems.append(Problem("error", f"servers.{server.name}.policy",

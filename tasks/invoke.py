@@ -12,6 +12,7 @@ from celery import Task, states
 from celery.exceptions import Reject
 
 from workers.app import app
+from workers.authz import authorize
 from workers.breaker import breaker_command
 from workers.contract import (
     OPERATOR_HEADER,
@@ -23,6 +24,7 @@ from workers.contract import (
     TASK_LIST_TOOLS,
     TOKEN_HEADER,
 )
+from workers.display import invocation_repr
 from workers.errors import (
     Cancelled,
     CircuitOpen,
@@ -33,7 +35,7 @@ from workers.errors import (
     StoreUnavailable,
     UnknownServer,
 )
-from workers.invoker import execute
+from workers.invoker import execute, open_call_token, token_verifier
 from workers.keys import ATTEMPT_TTL, attempt_key
 from workers.runtime import Runtime, get_runtime
 from workers.scrub import register_settings_secrets, scrub_error
@@ -94,6 +96,11 @@ def _attempt(task: Task, runtime: Runtime, request_id: str) -> int:
         return 2
 
 
+def _shown(invocation: Any) -> dict[str, str]:
+    """What a re-published invocation's headers and task-sent events show (Celery would put the values)."""
+    return {"argsrepr": "()", "kwargsrepr": invocation_repr(invocation) if isinstance(invocation, dict) else "()"}
+
+
 def _stored_result(task: Task, request_id: str) -> dict[str, Any] | None:
     """The result an earlier delivery of this invocation stored, if it succeeded (one backend read)."""
     try:
@@ -136,13 +143,15 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
         # The worker's Redis was unreachable before the tool was called: put the invocation back (with a
         # pause) instead of failing it; once the tool may have run, fail with the typed error.
         if exc.detail.get("reached_target") is False and self.request.retries < _STORE_RETRIES:
-            raise self.retry(exc=exc, countdown=_STORE_RETRY_DELAY, max_retries=_STORE_RETRIES) from None
+            raise self.retry(exc=exc, countdown=_STORE_RETRY_DELAY, max_retries=_STORE_RETRIES,
+                             **_shown(invocation)) from None
         raise
     except CircuitOpen as exc:
         # Re-queue after the breaker's remaining open time, if configured (default: fail fast).
         if self.request.retries >= s.breaker_retry_max:
             raise
-        raise self.retry(exc=exc, countdown=max(exc.retry_after, 0.05), max_retries=s.breaker_retry_max) from None
+        raise self.retry(exc=exc, countdown=max(exc.retry_after, 0.05), max_retries=s.breaker_retry_max,
+                         **_shown(invocation)) from None
     return result.model_dump(mode="json")
 
 
@@ -174,6 +183,9 @@ def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
         entry = runtime.registry.get(server)
         if entry is None:
             raise UnknownServer(f"unknown server {server!r}", {"server": server})
+        if entry.policy is not None:  # listing starts the server: the same callers as for a call
+            token = open_call_token(runtime.settings, _header(self, TOKEN_HEADER), str(self.request.id))
+            authorize(entry.name, entry.policy, token, token_verifier(runtime.settings), runtime.settings)
         transport = runtime.transport("http" if entry.transport == "sse" else entry.transport)
         tools = _run(runtime, transport.list_tools(entry), _discovery_wait(runtime))
     return [t.model_dump(mode="json") for t in tools]

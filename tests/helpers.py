@@ -42,7 +42,8 @@ def settings_with(env: Mapping[str, str]) -> Settings:
     return Settings(**{k.removeprefix("SARK_").lower(): v for k, v in merged.items() if k.startswith("SARK_")})
 
 
-def token_headers(token: str | None, task_id: str, key: str | None = None) -> dict[str, str] | None:
+def token_headers(token: str | None, task_id: str, key: str | None = None,
+                  invocation: dict[str, Any] | None = None) -> dict[str, str] | None:
     """Message headers carrying ``token`` sealed for ``task_id``, as an app does (the default mode).
 
     ``key``: the sealing key (default: ``SARK_TOKEN_KEY`` of this process, set by the test stack).
@@ -50,7 +51,7 @@ def token_headers(token: str | None, task_id: str, key: str | None = None) -> di
     if not token:
         return None
     key = key or os.environ["SARK_TOKEN_KEY"]
-    return {TOKEN_HEADER: seal_token(token, key, task_id)}
+    return {TOKEN_HEADER: seal_token(token, key, task_id, invocation=invocation)}
 
 
 def operator_headers(task_id: str, action: str, target: str | None, key: str | None = None) -> dict[str, str]:
@@ -71,7 +72,8 @@ def send_invoke(
     invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {}, **fields}
     task_id = str(uuid.uuid4())
     return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
-                         headers=token_headers(token, task_id), argsrepr="()", kwargsrepr=invocation_repr(invocation))
+                         headers=token_headers(token, task_id, invocation=invocation), argsrepr="()",
+                         kwargsrepr=invocation_repr(invocation))
 
 
 def invoke(app: Celery, server: str, tool: str, arguments: dict[str, Any] | None = None, *,

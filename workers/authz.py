@@ -5,7 +5,8 @@ check: anyone who could enqueue could call every stdio tool. A server with a pol
 only with a user token that
 
 1. is a JWT whose signature verifies with a key from the settings (``SARK_AUTH_HS256_SECRET``, a PEM
-   public key ``SARK_AUTH_PUBLIC_KEY`` or a JWKS file ``SARK_AUTH_JWKS_PATH``), is not expired (with
+   public key ``SARK_AUTH_PUBLIC_KEY`` or a JWKS file ``SARK_AUTH_JWKS_PATH``), carries ``sub`` and
+   ``exp`` and is not expired (with
    ``SARK_TOKEN_LEEWAY``) and, when set, carries ``SARK_AUTH_AUDIENCE`` / ``SARK_AUTH_ISSUER``;
 2. names a listed subject (``sub``), or one listed team (``SARK_AUTH_TEAMS_CLAIM``), or one listed role
    (``SARK_AUTH_ROLES_CLAIM``).
@@ -87,18 +88,20 @@ class TokenVerifier:
                 claims: dict[str, Any] = jwt.decode(
                     token, candidate.key, algorithms=candidate.algorithms, audience=s.auth_audience,
                     issuer=s.auth_issuer, leeway=s.token_leeway,
-                    options={"require": ["sub"], "verify_aud": s.auth_audience is not None},
+                    options={"require": ["sub", "exp"], "verify_aud": s.auth_audience is not None},
                 )
                 return claims
-            except jwt.InvalidSignatureError:
-                continue
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
+                continue  # another key may verify it (an RS256 header against an EC key is InvalidKeyError)
             except jwt.ExpiredSignatureError:
                 problem = "the user's token expired"
                 break
-            except jwt.InvalidTokenError as exc:  # audience, issuer, missing sub, bad algorithm…
+            except jwt.InvalidTokenError as exc:  # audience, issuer, missing sub or exp, bad algorithm…
                 problem = f"the user's token was refused ({type(exc).__name__})"
                 if not isinstance(exc, jwt.InvalidAlgorithmError):
                     break
+            except jwt.PyJWTError as exc:  # anything else PyJWT raises on a forged token: refused, never a crash
+                problem = f"the user's token was refused ({type(exc).__name__})"
         raise AuthorizationDenied(problem, {"status_code": 403})
 
 

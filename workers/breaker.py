@@ -53,7 +53,7 @@ from workers.breaker_store import BreakerStore, Decision, LocalStore, Outcome, R
 from workers.breaker_watch import BreakerWatch
 from workers.errors import CircuitOpen, InvalidInvocation, SarkError
 from workers.keys import breaker_key
-from workers.redis_client import reconnecting_client
+from workers.redis_client import CONNECTION_ERRORS, reconnecting_client
 
 __all__ = [
     "BreakerBoard",
@@ -249,8 +249,9 @@ class BreakerBoard:
         """A board with its own Redis client: short timeouts, one reconnect, then the fallback."""
         timeout = settings.breaker_store_timeout
         # One reconnect and re-send after a dropped connection (a Redis restart), then the local fallback.
-        client = reconnecting_client(settings.redis_url, retries=1, backoff_cap=0.05, socket_timeout=timeout,
-                                     socket_connect_timeout=timeout)
+        # Not after a timeout: the recording script may have run, and a failure must not count twice.
+        client = reconnecting_client(settings.redis_url, retries=1, backoff_cap=0.05, retry_on=CONNECTION_ERRORS,
+                                     socket_timeout=timeout, socket_connect_timeout=timeout)
         # The change feed blocks on its socket: no socket timeout there; its health checks notice a dead link.
         # It must NOT reconnect silently: changes published while it was away would be missed while this
         # process still trusted its memory; BreakerWatch notices the loss, forgets, and resubscribes itself.

@@ -181,17 +181,17 @@ class SarkClient:
         if timeout is not None:
             invocation["timeout"] = timeout
         task_id = str(uuid.uuid4())
-        headers = {TOKEN_HEADER: self._seal(token, task_id)} if token is not None else None
+        headers = {TOKEN_HEADER: self._seal(token, task_id, invocation)} if token is not None else None
         # argsrepr/kwargsrepr: what the message headers and task-sent events show (names, never values).
         pending = self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, headers=headers,
                                      argsrepr="()", kwargsrepr=invocation_repr(invocation))
         return InvocationHandle(self, pending)
 
-    def _seal(self, token: str, task_id: str) -> str:
+    def _seal(self, token: str, task_id: str, invocation: dict[str, Any] | None = None) -> str:
         s = self.settings
         validate_token(token, max_bytes=s.max_token_bytes)
         if s.token_key is not None:
-            return seal_token(token, s.token_key.get_secret_value(), task_id)
+            return seal_token(token, s.token_key.get_secret_value(), task_id, invocation=invocation)
         if s.allow_clear_tokens:
             return token
         raise InvalidToken("no SARK_TOKEN_KEY to seal the token with (workers refuse clear tokens unless "
@@ -207,9 +207,13 @@ class SarkClient:
         data = wait_result(self.app.send_task(TASK_GET_SERVER, kwargs={"server_id": server_id}), timeout)
         return GatewayServerInfo.model_validate(data) if data else None
 
-    def list_tools(self, server: str | None = None, timeout: float = 30) -> list[GatewayToolInfo]:
-        """Tools of one registry server, or every Gateway tool."""
-        data = wait_result(self.app.send_task(TASK_LIST_TOOLS, kwargs={"server": server}), timeout)
+    def list_tools(self, server: str | None = None, timeout: float = 30, *,
+                   token: str | None = None) -> list[GatewayToolInfo]:
+        """Tools of one registry server, or every Gateway tool (``token``: for a server with a policy)."""
+        task_id = str(uuid.uuid4())
+        headers = {TOKEN_HEADER: self._seal(token, task_id)} if token is not None else None
+        data = wait_result(self.app.send_task(TASK_LIST_TOOLS, task_id=task_id, kwargs={"server": server},
+                                              headers=headers), timeout)
         return [GatewayToolInfo.model_validate(item) for item in data]
 
     def health(self, timeout: float = 30) -> dict[str, Any]:

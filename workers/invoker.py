@@ -37,14 +37,14 @@ from workers.streams import StreamPublisher
 from workers.tokens import ENCRYPTED_PREFIX, check_not_expired, open_token
 from workers.transports.base import Call, ToolOutcome
 
-__all__ = ["execute", "resolve", "resolve_timeout"]
+__all__ = ["execute", "open_call_token", "resolve", "resolve_timeout", "token_verifier"]
 
 log = logging.getLogger("sark.invoke")
 
 _verifiers: dict[int, TokenVerifier] = {}
 
 
-def _verifier(settings: Settings) -> TokenVerifier:
+def token_verifier(settings: Settings) -> TokenVerifier:
     """The token verifier for ``settings`` (keys read once per settings object)."""
     verifier = _verifiers.get(id(settings))
     if verifier is None:
@@ -95,6 +95,20 @@ def resolve_timeout(invocation: Invocation, server: GatewayServer | StdioServer,
     return wanted
 
 
+def open_call_token(settings: Settings, token_header: object, request_id: str,
+                    invocation: object = None) -> str | None:
+    """The clear token of the task ``request_id`` from its ``sark_token`` header (see :func:`open_token`)."""
+    return open_token(
+        token_header,
+        key=settings.token_key.get_secret_value() if settings.token_key else None,
+        task_id=request_id,
+        ttl=settings.token_ttl,
+        allow_clear=settings.allow_clear_tokens,
+        max_bytes=settings.max_token_bytes,
+        invocation=invocation,
+    )
+
+
 async def execute(
     runtime: Runtime, raw: object, *, token_header: object, request_id: str, attempt: int = 1
 ) -> InvocationResult:
@@ -115,7 +129,9 @@ async def execute(
     publisher: StreamPublisher | None = None
     with contextlib.ExitStack() as scope:
         # A sealed header is ciphertext bound to this task; a clear one is the token itself.
-        clear_header = isinstance(token_header, str) and not token_header.startswith(ENCRYPTED_PREFIX)
+        # (One longer than any accepted token is refused without being echoed: no need to scrub for it.)
+        clear_header = (isinstance(token_header, str) and not token_header.startswith(ENCRYPTED_PREFIX)
+                        and len(token_header) <= s.max_token_bytes)
         scope.enter_context(call_secrets(token_header if clear_header else None))  # type: ignore[arg-type]
         try:
             if isinstance(raw, dict) and raw.get("stream"):
@@ -129,14 +145,7 @@ async def execute(
                     max_bytes=s.max_stream_bytes,
                 )
                 await publisher.open()
-            token = open_token(
-                token_header,
-                key=s.token_key.get_secret_value() if s.token_key else None,
-                task_id=request_id,
-                ttl=s.token_ttl,
-                allow_clear=s.allow_clear_tokens,
-                max_bytes=s.max_token_bytes,
-            )
+            token = open_call_token(s, token_header, request_id, raw)
             scope.enter_context(call_secrets(token))
             result = await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt,
                                     publisher=publisher)
@@ -188,7 +197,7 @@ async def _execute(
     server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
     timeout = resolve_timeout(invocation, server, settings)
     if server.policy is not None:
-        authorize(server.name, server.policy, token, _verifier(settings), settings)
+        authorize(server.name, server.policy, token, token_verifier(settings), settings)
     transport = runtime.transport(transport_name)
     sink = publisher.sink if publisher is not None else None
     call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token, sink=sink)

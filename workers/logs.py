@@ -17,7 +17,7 @@ from typing import Any
 from workers.display import error_repr
 from workers.scrub import scrub, scrub_value
 
-__all__ = ["JsonFormatter", "RedactingFilter", "TaskLogFilter", "configure_logging", "redact"]
+__all__ = ["JsonFormatter", "PlainFormatter", "RedactingFilter", "TaskLogFilter", "configure_logging", "redact"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -110,6 +110,16 @@ def _scrubbed(value: Any) -> Any:
     return scrub_value(json.loads(json.dumps(value, default=str)))
 
 
+class PlainFormatter(logging.Formatter):
+    """Plain-text lines whose tracebacks and stacks are scrubbed too (the filter only cleans the message)."""
+
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return redact(super().formatStack(stack_info))
+
+
 def configure_logging(level: str = "INFO", json_lines: bool = True, *, show_details: bool = False) -> None:
     """Send every log record to stderr, as JSON lines (or plain text), with secrets redacted.
 
@@ -119,7 +129,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = True, *, show_deta
     handler.addFilter(TaskLogFilter(show_details))  # first: the redacting filter formats the message
     handler.addFilter(RedactingFilter())
     handler.setFormatter(
-        JsonFormatter() if json_lines else logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+        JsonFormatter() if json_lines else PlainFormatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

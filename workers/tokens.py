@@ -2,7 +2,9 @@
 
 A token travels in the ``sark_token`` message header, never in task arguments. By default it travels
 **sealed**: ``fernet:<ciphertext>``, where the ciphertext (Fernet: AES-128-CBC + HMAC-SHA256, with the
-time of sealing) holds ``{"v": 1, "tid": <task id>, "tok": <token>}``. So reading the broker, its
+time of sealing) holds ``{"v": 1, "tid": <task id>, "tok": <token>}``, and ``"h"``: the SHA-256 of the
+invocation's canonical JSON (:func:`invocation_digest`) when the sealer binds it to its invocation too
+(``SarkClient`` does; optional for other apps). So reading the broker, its
 unacked hash or its AOF file reveals no token; a sealed header copied onto another task is refused
 (the task id differs); and a sealed header older than ``SARK_TOKEN_TTL`` is refused. Workers refuse
 clear tokens unless ``SARK_ALLOW_CLEAR_TOKENS=true`` (development only).
@@ -43,9 +45,11 @@ from workers.errors import AuthorizationDenied, InvalidToken, TokenExpired
 
 __all__ = [
     "ENCRYPTED_PREFIX",
+    "OPERATOR_SIGNATURE_TTL",
     "check_not_expired",
     "check_operator_signature",
     "generate_key",
+    "invocation_digest",
     "open_token",
     "operator_signature",
     "seal_token",
@@ -90,16 +94,30 @@ def validate_token(token: object, *, max_bytes: int) -> str:
     return token
 
 
-def seal_token(token: str, key: str, task_id: str, *, now: float | None = None) -> str:
-    """``token`` sealed with ``key`` for the task ``task_id`` (the header value to send)."""
-    payload = json.dumps({"v": _VERSION, "tid": task_id, "tok": token}, separators=(",", ":")).encode()
+def invocation_digest(invocation: object) -> str:
+    """SHA-256 of an invocation's canonical JSON (what a sealed token may be bound to, besides its task)."""
+    canonical = json.dumps(invocation, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal_token(token: str, key: str, task_id: str, *, invocation: object = None, now: float | None = None) -> str:
+    """``token`` sealed with ``key`` for the task ``task_id`` (the header value to send).
+
+    With ``invocation`` the seal also holds its digest (``"h"``): the worker then refuses the token for any
+    other invocation, even one re-sent under the same task id by someone who copied the header.
+    """
+    fields: dict[str, str | int] = {"v": _VERSION, "tid": task_id, "tok": token}
+    if invocation is not None:
+        fields["h"] = invocation_digest(invocation)
+    payload = json.dumps(fields, separators=(",", ":")).encode()
     fernet = _fernet(key)
     sealed = fernet.encrypt(payload) if now is None else fernet.encrypt_at_time(payload, int(now))
     return ENCRYPTED_PREFIX + sealed.decode()
 
 
 def open_token(
-    value: object, *, key: str | None, task_id: str, ttl: float, allow_clear: bool, max_bytes: int
+    value: object, *, key: str | None, task_id: str, ttl: float, allow_clear: bool, max_bytes: int,
+    invocation: object = None,
 ) -> str | None:
     """The clear, validated token from a ``sark_token`` header value (None when there is none).
 
@@ -135,6 +153,11 @@ def open_token(
     if data["tid"] != task_id:
         raise InvalidToken("the sealed token belongs to another task: a sealed token is valid for the task "
                            "it was sealed for only")
+    digest = data.get("h")
+    if digest is not None and (invocation is None or not hmac.compare_digest(str(digest),
+                                                                              invocation_digest(invocation))):
+        raise InvalidToken("the sealed token was sealed for another invocation (its server, tool or arguments "
+                           "differ)")
     return validate_token(data["tok"], max_bytes=max_bytes)
 
 
@@ -197,10 +220,21 @@ def check_not_expired(token: str | None, *, leeway: float = 0.0) -> None:
                            {"expired_for": round(time.time() - exp, 3)})
 
 
-def operator_signature(key: str, task_id: str, action: str, target: str | None) -> str:
-    """The ``sark_operator`` header value authorizing ``action`` on ``target`` for the task ``task_id`` only."""
-    message = f"{task_id}|{action}|{target or ''}".encode()
+#: Seconds an operator signature stays valid (clock skew between hosts included).
+OPERATOR_SIGNATURE_TTL = 300.0
+
+
+def _operator_mac(key: str, task_id: str, action: str, target: str | None, issued: int) -> str:
+    message = json.dumps([task_id, action, target, issued], separators=(",", ":")).encode()
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def operator_signature(key: str, task_id: str, action: str, target: str | None, *, now: float | None = None) -> str:
+    """The ``sark_operator`` header value authorizing ``action`` on ``target`` for the task ``task_id`` only,
+    for :data:`OPERATOR_SIGNATURE_TTL` seconds: ``"<unix time>:<hex HMAC-SHA256 of the JSON array
+    [task_id, action, target, time]>"``."""
+    issued = int(time.time() if now is None else now)
+    return f"{issued}:{_operator_mac(key, task_id, action, target, issued)}"
 
 
 def check_operator_signature(signature: object, *, key: str | None, task_id: str, action: str,
@@ -214,7 +248,14 @@ def check_operator_signature(signature: object, *, key: str | None, task_id: str
     if not key:
         raise AuthorizationDenied("operator actions are disabled: this worker has no SARK_OPERATOR_KEY",
                                   {"status_code": 403})
-    expected = operator_signature(key, task_id, action, target)
-    if not isinstance(signature, str) or not hmac.compare_digest(signature.encode(), expected.encode()):
-        raise AuthorizationDenied(f"breaker {action} needs the operator's signature (header sark_operator)",
+    refused = AuthorizationDenied(f"breaker {action} needs the operator's signature (header sark_operator)",
+                                  {"status_code": 403})
+    issued_text, _, mac = signature.partition(":") if isinstance(signature, str) else ("", "", "")
+    if not issued_text.isdigit() or len(issued_text) > 12:
+        raise refused
+    issued = int(issued_text)
+    if not hmac.compare_digest(mac.encode(), _operator_mac(key, task_id, action, target, issued).encode()):
+        raise refused
+    if abs(time.time() - issued) > OPERATOR_SIGNATURE_TTL:
+        raise AuthorizationDenied(f"the operator's signature is older than {OPERATOR_SIGNATURE_TTL:g}s",
                                   {"status_code": 403})

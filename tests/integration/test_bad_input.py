@@ -105,6 +105,12 @@ def test_token_checks_at_dequeue(celery_client: Celery) -> None:
     user = make_token(DEFAULT_JWT_SECRET, sub="clear-user")
     with pytest.raises(InvalidToken, match="clear tokens are refused"):
         celery_client.send_task(TASK_INVOKE, kwargs={"invocation": OK}, headers={TOKEN_HEADER: user}).get(timeout=30)
+    # A sealed header re-sent under its own task id with other arguments is refused: bound to its invocation.
+    task_id = str(uuid.uuid4())
+    sealed_for_ok = token_headers(user, task_id, invocation=OK)
+    with pytest.raises(InvalidToken, match="another invocation"):
+        celery_client.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": {**OK, "tool": "add"}},
+                                headers=sealed_for_ok).get(timeout=30)
     # A sealed header copied from another task's message is refused: it is bound to its own task.
     stolen = token_headers(user, "some-other-task-id")
     with pytest.raises(InvalidToken, match="another task"):

@@ -49,3 +49,23 @@ def test_expired_token_is_refused_before_the_policy(celery_client: Celery) -> No
 def test_server_without_policy_is_open_to_any_enqueuer(celery_client: Celery) -> None:
     # What SECURITY.md states: without a policy, anyone who can enqueue can call a stdio server.
     assert invoke(celery_client, "time", *CALL, wait=60)["is_error"] is False
+
+
+def test_listing_tools_of_a_policy_server_needs_the_same_caller(celery_client: Celery, admin_token: str,
+                                                                 user_token: str) -> None:
+    import uuid
+
+    from tests.helpers import token_headers
+    from workers.contract import TASK_LIST_TOOLS
+
+    def list_tools(token: str | None) -> list[dict[str, object]]:
+        task_id = str(uuid.uuid4())
+        pending = celery_client.send_task(TASK_LIST_TOOLS, task_id=task_id, kwargs={"server": "time-admins"},
+                                          headers=token_headers(token, task_id))
+        tools: list[dict[str, object]] = pending.get(timeout=60)
+        return tools
+
+    for token in (None, user_token):
+        with pytest.raises(AuthorizationDenied):  # listing would start the server: refused like a call
+            list_tools(token)
+    assert {tool["tool_name"] for tool in list_tools(admin_token)} >= {"get_current_time", "convert_time"}

@@ -31,6 +31,10 @@ def _hs(**claims: object) -> str:
     return jwt.encode({"exp": int(time.time()) + 60, **claims}, SECRET, algorithm="HS256")
 
 
+def _hs_with(secret: str, **claims: object) -> str:
+    return jwt.encode({"exp": int(time.time()) + 60, **claims}, secret, algorithm="HS256")
+
+
 def _check(token: str | None, settings: Settings) -> None:
     authorize("tools", POLICY, token, TokenVerifier(settings), settings)
 
@@ -42,16 +46,17 @@ def test_listed_subject_team_or_role_is_allowed() -> None:
     _check(_hs(sub="x", roles="operator"), settings)
 
 
-@pytest.mark.parametrize("case", ["none", "unlisted", "expired", "wrong secret", "alg none", "no sub"])
+@pytest.mark.parametrize("case", ["none", "unlisted", "expired", "wrong secret", "alg none", "no sub", "no exp"])
 def test_everyone_else_is_denied(case: str) -> None:
     settings = _settings(auth_hs256_secret=SECRET)
     token = {
         "none": None,
         "unlisted": _hs(sub="alice", teams=["users"]),
         "expired": jwt.encode({"sub": "carol", "exp": int(time.time()) - 60}, SECRET, algorithm="HS256"),
-        "wrong secret": jwt.encode({"sub": "carol"}, "another-secret-0123456789abcdefgh", algorithm="HS256"),
-        "alg none": jwt.encode({"sub": "carol"}, None, algorithm="none"),
+        "wrong secret": _hs_with("another-secret-0123456789abcdefgh", sub="carol"),
+        "alg none": jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, None, algorithm="none"),
         "no sub": _hs(teams=["admins"]),
+        "no exp": jwt.encode({"sub": "carol"}, SECRET, algorithm="HS256"),
     }[case]
     with pytest.raises(AuthorizationDenied, match="tools"):
         _check(token, settings)
@@ -74,17 +79,30 @@ def test_rs256_with_a_pem_public_key_audience_and_issuer(tmp_path: Path) -> None
     path = tmp_path / "key.pem"
     path.write_text(pem, encoding="utf-8")
     settings = _settings(auth_public_key=str(path), auth_audience="sark", auth_issuer="https://idp.local")
-    good = jwt.encode({"sub": "carol", "aud": "sark", "iss": "https://idp.local"}, key, algorithm="RS256")
+    exp = int(time.time()) + 60
+    good = jwt.encode({"sub": "carol", "aud": "sark", "iss": "https://idp.local", "exp": exp}, key, algorithm="RS256")
     _check(good, settings)
     _check(good, _settings(auth_public_key=pem, auth_audience="sark", auth_issuer="https://idp.local"))
-    for claims in ({"sub": "carol", "aud": "other", "iss": "https://idp.local"},
-                   {"sub": "carol", "aud": "sark", "iss": "https://evil.local"}):
+    for claims in ({"sub": "carol", "aud": "other", "iss": "https://idp.local", "exp": exp},
+                   {"sub": "carol", "aud": "sark", "iss": "https://evil.local", "exp": exp}):
         with pytest.raises(AuthorizationDenied):
             _check(jwt.encode(claims, key, algorithm="RS256"), settings)
     # An HS256 token "signed" with the public key text must not pass (algorithm confusion).
     with pytest.raises(AuthorizationDenied):
-        _check(jwt.encode({"sub": "carol", "aud": "sark", "iss": "https://idp.local"}, "x" * 32,
+        _check(jwt.encode({"sub": "carol", "aud": "sark", "iss": "https://idp.local", "exp": exp}, "x" * 32,
                           algorithm="HS256"), settings)
+
+
+def test_a_token_for_another_key_type_is_refused_not_a_crash() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    pem = ec_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    rsa_key, _ = _rsa()
+    forged = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, rsa_key, algorithm="RS256")
+    with pytest.raises(AuthorizationDenied):  # RS256 header against an EC key: InvalidKeyError inside PyJWT
+        _check(forged, _settings(auth_public_key=pem))
 
 
 def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
@@ -96,6 +114,7 @@ def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": keys}), encoding="utf-8")
     settings = _settings(auth_jwks_path=str(path))
-    _check(jwt.encode({"sub": "carol"}, two, algorithm="RS256", headers={"kid": "k2"}), settings)
+    claims = {"sub": "carol", "exp": int(time.time()) + 60}
+    _check(jwt.encode(claims, two, algorithm="RS256", headers={"kid": "k2"}), settings)
     with pytest.raises(AuthorizationDenied):  # signed by k1 but claims to be k2
-        _check(jwt.encode({"sub": "carol"}, one, algorithm="RS256", headers={"kid": "k2"}), settings)
+        _check(jwt.encode(claims, one, algorithm="RS256", headers={"kid": "k2"}), settings)

@@ -84,3 +84,20 @@ def test_http_stack_error_quoting_a_bad_header_is_scrubbed(bad: str) -> None:
 @pytest.mark.parametrize("message", ["the token holds characters a bearer token may not hold"])
 def test_invalid_token_message_is_fixed_text(message: str) -> None:
     assert InvalidToken(message).to_dict()["message"] == message
+
+
+def test_plain_text_log_tracebacks_are_scrubbed() -> None:
+    import logging
+
+    from workers.logs import PlainFormatter, RedactingFilter
+
+    formatter = PlainFormatter("%(message)s")
+    with call_secrets("SuperSecretTok123"):
+        try:
+            raise ValueError("Authorization: SuperSecretTok123")
+        except ValueError:
+            record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed with %s", ("SuperSecretTok123",),
+                                       exc_info=__import__("sys").exc_info())
+        RedactingFilter().filter(record)
+        line = formatter.format(record)
+    assert "ValueError" in line and "SuperSecretTok123" not in line

@@ -189,3 +189,22 @@ def test_the_readme_recipe_for_plain_celery_apps_opens() -> None:
     task_id, user_jwt = "3f1c0f1e-task", "header.payload.signature"
     sealed = Fernet(KEY).encrypt(json.dumps({"v": 1, "tid": task_id, "tok": user_jwt}).encode()).decode()
     assert open_token("fernet:" + sealed, task_id=task_id, **OPEN) == user_jwt
+
+
+def test_sealed_token_bound_to_its_invocation() -> None:
+    invocation = {"server": "echo", "tool": "add", "arguments": {"a": 1, "b": 2.5}}
+    sealed = seal_token("secret-token", KEY, "task-1", invocation=invocation)
+    same = json.loads(json.dumps(invocation))  # as the worker receives it
+    assert open_token(sealed, task_id="task-1", invocation=same, **OPEN) == "secret-token"
+    for other in ({**invocation, "tool": "delete"}, {**invocation, "arguments": {"a": 1, "b": 3}}, None):
+        with pytest.raises(InvalidToken, match="another invocation"):
+            open_token(sealed, task_id="task-1", invocation=other, **OPEN)
+
+
+def test_operator_signature_expires() -> None:
+    old = operator_signature("op-key-0123456789", "task-1", "reset", "*", now=time.time() - 600)
+    with pytest.raises(AuthorizationDenied, match="older than"):
+        check_operator_signature(old, key="op-key-0123456789", task_id="task-1", action="reset", target="*")
+    for garbage in ("", "abc", "123", "1:", ":" + "0" * 64, 12345):
+        with pytest.raises(AuthorizationDenied):
+            check_operator_signature(garbage, key="op-key-0123456789", task_id="task-1", action="reset", target="*")
