@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from config.settings import Settings
 
-__all__ = ["WORKER_SECRETS", "is_worker_secret"]
+__all__ = ["WORKER_SECRETS", "is_worker_secret", "url_password"]
 
 
 def _secret_settings() -> set[str]:
@@ -45,7 +45,19 @@ def is_worker_secret(name: str, value: str | None = None) -> bool:
 def _has_password(value: str) -> bool:
     if "://" not in value:
         return False
+    return url_password(value) is not None or "password=" in value.lower()
+
+
+def url_password(value: str) -> str | None:
+    """The password of a URL (``redis://:pw@host`` or ``…?password=pw``), if it has one."""
     try:
-        return bool(urlsplit(value).password)
+        parts = urlsplit(value)
     except ValueError:
-        return True  # an unparsable URL-like value: keep it out rather than guess
+        return value  # an unparsable URL-like value: treat it whole as the secret rather than guess
+    if parts.password:
+        return parts.password
+    for pair in parts.query.split("&"):
+        name, _, secret = pair.partition("=")
+        if name.lower() == "password" and secret:
+            return secret
+    return None

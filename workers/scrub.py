@@ -43,7 +43,7 @@ MIN_SECRET_LENGTH = 6
 #: Each pattern with the (lower-case) words a text must hold for it to match at all: checking them first
 #: skips the regular expressions for almost every log line (17 -> ~3 us per line, measured).
 _PATTERNS: list[tuple[tuple[str, ...], re.Pattern[str]]] = [
-    (("eyj",), re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]{5,}")),  # JWTs
+    (("eyj",), re.compile(r"eyJ[\w-]{5,}\.[\w-]{5,}(?:\.[\w-]*)?")),  # JWTs, also unsigned or cut short
     (("bearer",), re.compile(r"(?i)(bearer\s+)[^\s'\",}]+")),
     (("api", "token", "secret", "password"),
      re.compile(r"(?i)((?:api[_-]?key|token|secret|password)['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+")),
@@ -155,8 +155,12 @@ def register_settings_secrets(settings: Any) -> None:
         return
     from pydantic import SecretStr
 
+    from config.worker_secrets import url_password
+
     for name in type(settings).model_fields:
         value = getattr(settings, name, None)
         if isinstance(value, SecretStr):
             register_secret(value.get_secret_value())
+        elif isinstance(value, str) and "://" in value:  # broker/backend/Redis URLs: their passwords
+            register_secret(url_password(value))
     _registered_settings.add(id(settings))

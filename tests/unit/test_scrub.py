@@ -101,3 +101,23 @@ def test_plain_text_log_tracebacks_are_scrubbed() -> None:
         RedactingFilter().filter(record)
         line = formatter.format(record)
     assert "ValueError" in line and "SuperSecretTok123" not in line
+
+
+def test_url_passwords_of_the_settings_and_unsigned_jwts_are_scrubbed() -> None:
+    from workers.scrub import register_settings_secrets
+
+    settings = Settings(_env_file=None, broker_url="redis://:BrokerPw-4711@redis:6379/0",  # type: ignore[call-arg]
+                        redis_url="redis://redis:6379/1?password=StreamsPw-0815")
+    register_settings_secrets(settings)
+    text = scrub("lost redis://:BrokerPw-4711@redis:6379/0 and password StreamsPw-0815 too")
+    assert "BrokerPw-4711" not in text and "StreamsPw-0815" not in text
+    assert "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0." not in scrub("alg none: eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.")
+
+
+def test_an_event_id_that_is_not_ascii_is_never_resumed_from() -> None:
+    from workers.transports.sse import _StreamState
+
+    state = _StreamState()
+    state.remember("7")
+    state.remember("\u00e9t\u00e9")
+    assert state.last_event_id == "7" and state.is_duplicate("\u00e9t\u00e9")

@@ -116,6 +116,11 @@ class _StreamState:
         return event_id in self.seen
 
     def remember(self, event_id: str) -> None:
+        # An id that is not printable ASCII cannot go back in a Last-Event-ID header (the HTTP stack
+        # would raise): such a stream is not resumable, as if it had set no id.
+        if not (event_id.isascii() and event_id.isprintable()):
+            self.seen.add(event_id)
+            return
         self.last_event_id = event_id
         if event_id.isdigit():
             self.last_numeric = int(event_id)
@@ -240,7 +245,7 @@ class SseTransport:
         if call.token:
             headers["Authorization"] = f"Bearer {call.token}"
         if state.last_event_id is not None:
-            headers["Last-Event-ID"] = state.last_event_id
+            headers["Last-Event-ID"] = state.last_event_id  # ASCII only: see _StreamState.remember
         async with aconnect_sse(
             self._gateway.http, "POST", "/invoke", json=payload, headers=headers, timeout=httpx.Timeout(call.timeout)
         ) as source:
