@@ -41,6 +41,9 @@ __all__ = [
 EntryKind = Literal["chunk", "done", "error", "cancelled"]
 TERMINAL_KINDS: frozenset[str] = frozenset({"done", "error", "cancelled"})
 
+#: Consumer group made when a stream opens (XGROUP CREATE … MKSTREAM): it only makes the stream exist.
+_OPENED_GROUP = "sark-opened"
+
 #: Chunks buffered while a write is in flight before the producer has to wait for Redis.
 _MAX_BUFFER = 2_000
 
@@ -186,9 +189,18 @@ class StreamPublisher:
             StoreUnavailable: Redis cannot be reached (``reached_target`` false: nothing was called yet).
         """
         try:
-            last = await self._redis.xrevrange(self.key, count=1)
+            # In the same round trip, the stream is created (empty, by a consumer group nobody reads with),
+            # so a reader attaching before the first chunk sees an invocation that is running, not an
+            # unknown id; it expires like any running stream if the worker dies.
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xrevrange(self.key, count=1)
+            pipe.xgroup_create(self.key, _OPENED_GROUP, id="$", mkstream=True)
+            pipe.expire(self.key, self._running_ttl)
+            last, _, _ = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise self._redis_failure(exc) from None
+        if isinstance(last, Exception):  # BUSYGROUP from XGROUP CREATE is expected on a redelivery
+            raise self._redis_failure(last) if isinstance(last, RedisError) else last
         self._opened = True
         if not last:
             return

@@ -206,3 +206,22 @@ def test_timeout_on_an_unknown_stream() -> None:
     assert time.monotonic() - start < 0.6
     with pytest.raises(InvocationTimeout):
         list(stream_client.stream(str(uuid.uuid4()), timeout=0.3, finished=lambda: False, check_every=0.1))
+
+
+def test_a_running_streamed_invocation_has_its_stream_before_the_first_chunk(
+    stack: Any, celery_client: Celery
+) -> None:
+    import redis
+
+    from workers.keys import stream_key
+
+    pending = send_invoke(celery_client, "fixture", "sleep", {"seconds": 2}, stream=True, timeout=30)
+    conn = redis.Redis.from_url(stack.redis.url)
+    try:
+        wait_for(lambda: bool(conn.exists(stream_key(pending.id))), 20, "the stream to exist")
+        assert conn.xlen(stream_key(pending.id)) == 0 and not pending.ready()  # running, nothing published yet
+        assert conn.ttl(stream_key(pending.id)) > 0  # expires if its worker dies
+        assert list(stream_client.stream(pending.id, idle_timeout=30)) == []  # then ends at its done entry
+        assert pending.get(timeout=30)["chunks"] == 0
+    finally:
+        conn.close()
