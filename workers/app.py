@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import (
@@ -26,7 +26,9 @@ from workers.broker import broker_transport
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
 from workers.logs import configure_logging
 from workers.models import default_transport
-from workers.runtime import close_runtime, current_runtime, get_runtime
+
+if TYPE_CHECKING:
+    from workers.runtime import Runtime
 from workers.taskbase import task_class
 
 __all__ = ["app", "create_app"]
@@ -154,7 +156,7 @@ def _drain_after_grace(how: str = "", **_: Any) -> None:
     # Warm shutdown (SIGTERM) waits for running tasks; Celery's own soft shutdown cannot stop threads.
     # So: running invocations get `shutdown_grace` seconds, then they are interrupted and their
     # messages requeued (Reject), for another worker to carry out with the same request_id.
-    runtime = current_runtime()
+    runtime = _current_runtime()
     if runtime is None:
         return
     grace = 0.0 if how == "Cold" else runtime.settings.shutdown_grace
@@ -172,6 +174,8 @@ def _drain_after_grace(how: str = "", **_: Any) -> None:
 
 @worker_process_init.connect
 def _start_child_runtime(**_: Any) -> None:
+    from workers.runtime import get_runtime
+
     get_runtime()
 
 
@@ -180,15 +184,31 @@ def _start_main_runtime(sender: Any = None, **_: Any) -> None:
     # Threads/solo pools run tasks in the main process: start the runtime before the first task.
     pool_module = type(getattr(sender, "pool", None)).__module__
     if not pool_module.endswith("prefork"):
+        from workers.runtime import get_runtime
+
         get_runtime()
 
 
 @control_command(args=[("request_id", str)], signature="<request_id>")
 def sark_cancel(state: Any, request_id: str) -> dict[str, Any]:
     """Remote control: interrupt a running invocation in this worker (threads/solo pools)."""
-    runtime = current_runtime()
+    runtime = _current_runtime()
     return {"ok": bool(runtime and runtime.cancel(request_id)), "request_id": request_id}
 
 
-worker_process_shutdown.connect(close_runtime)
-worker_shutdown.connect(close_runtime)
+def _current_runtime() -> Runtime | None:
+    # Imported here, not at the top: an app that only sends tasks (SarkClient, the CLI) must not load the
+    # runtime, the transports and the MCP SDK (~1.4 s of imports on a slow machine, measured with -X importtime).
+    from workers.runtime import current_runtime
+
+    return current_runtime()
+
+
+def _close_runtime(**_: Any) -> None:
+    from workers.runtime import close_runtime
+
+    close_runtime()
+
+
+worker_process_shutdown.connect(_close_runtime)
+worker_shutdown.connect(_close_runtime)

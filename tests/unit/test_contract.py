@@ -115,3 +115,13 @@ def test_router_sends_invocations_to_their_transport_queue() -> None:
     assert route({"server": "echo", "tool": "x", "stream": True}) == {"queue": "sark.sse"}
     assert route({"server": "whatever", "tool": "x", "transport": "stdio"}) == {"queue": "sark.stdio"}
     assert router("sark.health", (), {}, {}) == {"queue": "sark.http"}
+
+
+def test_a_client_does_not_load_the_runtime_nor_the_mcp_sdk() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from workers.client import SarkClient; SarkClient(); "
+            "print(sorted(m for m in ('mcp', 'workers.runtime', 'workers.transports.stdio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
