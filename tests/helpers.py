@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 
@@ -81,3 +82,29 @@ def invoke(app: Celery, server: str, tool: str, arguments: dict[str, Any] | None
     """Enqueue and wait for the result (re-raising the task's typed error)."""
     result: dict[str, Any] = send_invoke(app, server, tool, arguments, token=token, **fields).get(timeout=wait)
     return result
+
+
+def redis_values(url: str) -> dict[str, bytes]:
+    """Every key of the Redis at ``url`` with its name and values joined (strings, lists, hashes, streams,
+    sets, zsets): what a scan for a leaked secret reads."""
+    client = redis.Redis.from_url(url)
+    out: dict[str, bytes] = {}
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"list":
+            values = client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values = [v for pair in client.hgetall(key).items() for v in pair]
+        elif kind == b"stream":
+            values = [v for _, fields in client.xrange(key) for pair in fields.items() for v in pair]
+        elif kind == b"set":
+            values = list(client.smembers(key))
+        elif kind == b"zset":
+            values = client.zrange(key, 0, -1)
+        else:
+            values = []
+        out[key.decode(errors="replace")] = key + b"\n" + b"\n".join(values)
+    client.close()
+    return out

@@ -11,10 +11,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 
-from tests.helpers import invoke, settings_with, token_headers
+from tests.helpers import invoke, redis_values, settings_with, token_headers
 from workers.contract import TASK_GET_SERVER, TASK_INVOKE, TASK_LIST_TOOLS, TOKEN_HEADER
 from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc
 from workers.errors import (
@@ -118,29 +117,8 @@ def test_token_checks_at_dequeue(celery_client: Celery) -> None:
 
 
 def _scan_redis(url: str, needle: bytes) -> list[str]:
-    """Keys whose name or value holds ``needle`` (strings, lists, hashes, streams, sets, zsets)."""
-    client = redis.Redis.from_url(url)
-    hits = []
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        if kind == b"string":
-            values = [client.get(key) or b""]
-        elif kind == b"list":
-            values = client.lrange(key, 0, -1)
-        elif kind == b"hash":
-            values = [v for pair in client.hgetall(key).items() for v in pair]
-        elif kind == b"stream":
-            values = [v for _, fields in client.xrange(key) for pair in fields.items() for v in pair]
-        elif kind == b"set":
-            values = list(client.smembers(key))
-        elif kind == b"zset":
-            values = client.zrange(key, 0, -1)
-        else:
-            values = []
-        if needle in key or any(needle in value for value in values):
-            hits.append(key.decode(errors="replace"))
-    client.close()
-    return hits
+    """Keys whose name or value holds ``needle``."""
+    return [key for key, blob in redis_values(url).items() if needle in blob]
 
 
 def test_token_found_nowhere(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import redis
 from celery import Celery
 
-from tests.helpers import settings_with, token_headers
+from tests.helpers import redis_values, settings_with, token_headers
 from workers.contract import TASK_INVOKE, TOKEN_HEADER
 from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc, _spawn, free_port, start_redis, wait_for
 from workers.errors import SarkError
@@ -158,30 +157,6 @@ def canary(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 stack.procs.remove(proc)
 
 
-def _redis_values(url: str) -> dict[str, bytes]:
-    client = redis.Redis.from_url(url)
-    out: dict[str, bytes] = {}
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        if kind == b"string":
-            values = [client.get(key) or b""]
-        elif kind == b"list":
-            values = client.lrange(key, 0, -1)
-        elif kind == b"hash":
-            values = [v for pair in client.hgetall(key).items() for v in pair]
-        elif kind == b"stream":
-            values = [v for _, fields in client.xrange(key) for pair in fields.items() for v in pair]
-        elif kind == b"set":
-            values = list(client.smembers(key))
-        elif kind == b"zset":
-            values = client.zrange(key, 0, -1)
-        else:
-            values = []
-        out[key.decode(errors="replace")] = key + b"\n" + b"\n".join(values)
-    client.close()
-    return out
-
-
 def _flower_pages(fleet: Canary) -> dict[str, str]:
     def get(path: str) -> str:
         return httpx.get(f"{fleet.flower_url}{path}", auth=FLOWER_AUTH, timeout=10).text
@@ -231,7 +206,7 @@ def test_token_canary_found_nowhere(canary: Canary, user_token: str) -> None:
 
     needles, sealed_needles = canary.needles(), canary.needles(clear=False)
     places: dict[str, dict[str, str | bytes]] = {
-        "redis keys (queues, unacked, results, streams)": dict(_redis_values(canary.redis.url)),
+        "redis keys (queues, unacked, results, streams)": redis_values(canary.redis.url),
         "AOF files on disk": {str(p): p.read_bytes() for p in canary.aof_dir.rglob("*") if p.is_file()},
         "Flower API and pages": dict(_flower_pages(canary)),
         "worker and Flower logs": {w.name: w.log() for w in [*canary.workers, canary.flower]},

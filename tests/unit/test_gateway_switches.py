@@ -6,6 +6,7 @@ running without an API key. No built-in JWT secret: without one it refuses to st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -85,38 +86,35 @@ def test_header_recording_needs_the_control_api() -> None:
     assert "record_headers needs control_api" in done.stderr
 
 
-def test_runs_without_an_api_key_only_when_told_to(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _serving(tmp_path: Path, env: dict[str, str], *flags: str) -> Iterator[Proc]:
+    """``python -m workers.gateway`` with ``flags``, once it answers ``/health``; stopped afterwards."""
     port = free_port()
-    argv = [sys.executable, "-m", "workers.gateway", "--port", str(port), "--insecure-no-api-key"]
+    argv = [sys.executable, "-m", "workers.gateway", "--port", str(port), *flags]
     log = (tmp_path / "gw.log").open("wb")
-    popen = subprocess.Popen(argv, env=_env(SARK_GATEWAY_JWT_SECRET=DEFAULT_JWT_SECRET), stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     log.close()
     proc = Proc("gw", popen, tmp_path / "gw.log", url=f"http://127.0.0.1:{port}")
     try:
         wait_for(lambda: httpx.get(f"{proc.url}/health", timeout=0.5).status_code == 200, 20, "gateway")
-        assert httpx.get(f"{proc.url}/servers", timeout=5).status_code == 200  # no key asked for
-        assert "WARNING insecure_no_api_key is on" in proc.log()
+        yield proc
     finally:
         proc.stop()
+
+
+def test_runs_without_an_api_key_only_when_told_to(tmp_path: Path) -> None:
+    env = _env(SARK_GATEWAY_JWT_SECRET=DEFAULT_JWT_SECRET)
+    with _serving(tmp_path, env, "--insecure-no-api-key") as proc:
+        assert httpx.get(f"{proc.url}/servers", timeout=5).status_code == 200  # no key asked for
+        assert "WARNING insecure_no_api_key is on" in proc.log()
 
 
 def test_jwt_secret_file_flag(tmp_path: Path) -> None:
     secret_file = tmp_path / "jwt.secret"
     secret_file.write_text("s" * 48 + "\n")
-    port = free_port()
-    argv = [sys.executable, "-m", "workers.gateway", "--port", str(port), "--jwt-secret-file", str(secret_file)]
-    log = (tmp_path / "gw.log").open("wb")
-    popen = subprocess.Popen(argv, env=_env(SARK_GATEWAY_API_KEY=DEFAULT_API_KEY), stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-    log.close()
-    proc = Proc("gw", popen, tmp_path / "gw.log", url=f"http://127.0.0.1:{port}")
-    try:
-        wait_for(lambda: httpx.get(f"{proc.url}/health", timeout=0.5).status_code == 200, 20, "gateway")
+    with _serving(tmp_path, _env(SARK_GATEWAY_API_KEY=DEFAULT_API_KEY), "--jwt-secret-file", str(secret_file)) as proc:
         assert _invoke(proc.url, make_token("s" * 48)).status_code == 200
         assert _invoke(proc.url, make_token(DEFAULT_JWT_SECRET)).status_code == 401
-    finally:
-        proc.stop()
 
 
 def test_control_api_is_off_by_default(gateway: Callable[..., Proc]) -> None:
