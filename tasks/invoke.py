@@ -35,10 +35,10 @@ from workers.errors import (
     StoreUnavailable,
     UnknownServer,
 )
-from workers.invoker import execute, open_call_token, token_verifier
+from workers.invoker import execute, open_call_token
 from workers.keys import ATTEMPT_TTL, attempt_key
 from workers.runtime import Runtime, get_runtime
-from workers.scrub import register_settings_secrets, scrub_error
+from workers.scrub import scrub_error
 from workers.tokens import check_operator_signature
 
 __all__ = ["breakers", "get_server", "health", "invoke", "list_servers", "list_tools"]
@@ -56,7 +56,6 @@ _STORE_RETRY_DELAY = 2.0
 
 def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
     """Run a discovery/operator coroutine; its errors leave scrubbed, never chained, never untyped."""
-    register_settings_secrets(runtime.settings)
     try:
         return runtime.loop.run(coro, timeout=timeout)
     except TimeoutError:
@@ -185,7 +184,7 @@ def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
             raise UnknownServer(f"unknown server {server!r}", {"server": server})
         if entry.policy is not None:  # listing starts the server: the same callers as for a call
             token = open_call_token(runtime.settings, _header(self, TOKEN_HEADER), str(self.request.id))
-            authorize(entry.name, entry.policy, token, token_verifier(runtime.settings), runtime.settings)
+            authorize(entry.name, entry.policy, token, runtime.verifier, runtime.settings)
         transport = runtime.transport("http" if entry.transport == "sse" else entry.transport)
         tools = _run(runtime, transport.list_tools(entry), _discovery_wait(runtime))
     return [t.model_dump(mode="json") for t in tools]

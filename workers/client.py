@@ -181,11 +181,16 @@ class SarkClient:
         if timeout is not None:
             invocation["timeout"] = timeout
         task_id = str(uuid.uuid4())
-        headers = {TOKEN_HEADER: self._seal(token, task_id, invocation)} if token is not None else None
+        headers = self._token_headers(token, task_id, invocation)
         # argsrepr/kwargsrepr: what the message headers and task-sent events show (names, never values).
         pending = self.app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, headers=headers,
                                      argsrepr="()", kwargsrepr=invocation_repr(invocation))
         return InvocationHandle(self, pending)
+
+    def _token_headers(self, token: str | None, task_id: str,
+                       invocation: dict[str, Any] | None = None) -> dict[str, str] | None:
+        """The ``sark_token`` header for ``task_id`` (None without a token)."""
+        return {TOKEN_HEADER: self._seal(token, task_id, invocation)} if token is not None else None
 
     def _seal(self, token: str, task_id: str, invocation: dict[str, Any] | None = None) -> str:
         s = self.settings
@@ -211,7 +216,7 @@ class SarkClient:
                    token: str | None = None) -> list[GatewayToolInfo]:
         """Tools of one registry server, or every Gateway tool (``token``: for a server with a policy)."""
         task_id = str(uuid.uuid4())
-        headers = {TOKEN_HEADER: self._seal(token, task_id)} if token is not None else None
+        headers = self._token_headers(token, task_id)
         data = wait_result(self.app.send_task(TASK_LIST_TOOLS, task_id=task_id, kwargs={"server": server},
                                               headers=headers), timeout)
         return [GatewayToolInfo.model_validate(item) for item in data]

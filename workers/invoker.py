@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from config.registry import GatewayServer, StdioServer
 from config.settings import Settings
-from workers.authz import TokenVerifier, authorize
+from workers.authz import authorize
 from workers.errors import (
     Cancelled,
     InternalError,
@@ -32,24 +32,14 @@ from workers.models import (
     parse_invocation,
 )
 from workers.runtime import Runtime
-from workers.scrub import call_secrets, register_settings_secrets, scrub_error
+from workers.scrub import call_secrets, scrub_error
 from workers.streams import StreamPublisher
 from workers.tokens import ENCRYPTED_PREFIX, check_not_expired, open_token
 from workers.transports.base import Call, ToolOutcome
 
-__all__ = ["execute", "open_call_token", "resolve", "resolve_timeout", "token_verifier"]
+__all__ = ["execute", "open_call_token", "resolve", "resolve_timeout"]
 
 log = logging.getLogger("sark.invoke")
-
-_verifiers: dict[int, TokenVerifier] = {}
-
-
-def token_verifier(settings: Settings) -> TokenVerifier:
-    """The token verifier for ``settings`` (keys read once per settings object)."""
-    verifier = _verifiers.get(id(settings))
-    if verifier is None:
-        verifier = _verifiers[id(settings)] = TokenVerifier(settings)
-    return verifier
 
 
 def resolve(
@@ -125,14 +115,13 @@ async def execute(
             and never chained to a third-party exception; a fault of ours is :class:`InternalError`.
     """
     s = runtime.settings
-    register_settings_secrets(s)
     publisher: StreamPublisher | None = None
     with contextlib.ExitStack() as scope:
         # A sealed header is ciphertext bound to this task; a clear one is the token itself.
         # (One longer than any accepted token is refused without being echoed: no need to scrub for it.)
-        clear_header = (isinstance(token_header, str) and not token_header.startswith(ENCRYPTED_PREFIX)
-                        and len(token_header) <= s.max_token_bytes)
-        scope.enter_context(call_secrets(token_header if clear_header else None))  # type: ignore[arg-type]
+        clear_header = token_header if (isinstance(token_header, str) and not token_header.startswith(
+            ENCRYPTED_PREFIX) and len(token_header) <= s.max_token_bytes) else None
+        scope.enter_context(call_secrets(clear_header))
         try:
             if isinstance(raw, dict) and raw.get("stream"):
                 publisher = StreamPublisher(
@@ -197,7 +186,7 @@ async def _execute(
     server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
     timeout = resolve_timeout(invocation, server, settings)
     if server.policy is not None:
-        authorize(server.name, server.policy, token, token_verifier(settings), settings)
+        authorize(server.name, server.policy, token, runtime.verifier, settings)
     transport = runtime.transport(transport_name)
     sink = publisher.sink if publisher is not None else None
     call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token, sink=sink)

@@ -9,6 +9,7 @@ snapshotted without the worker's secrets, then the secrets leave the environment
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 
 from config.registry import Registry, load_registry
 from config.settings import Settings, get_settings
+from workers.authz import TokenVerifier
 from workers.breaker import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
 from workers.errors import Cancelled, InvalidInvocation
@@ -26,6 +28,7 @@ from workers.gateway_client import GatewayClient
 from workers.loop import EventLoopThread
 from workers.models import TransportName
 from workers.redis_client import reconnecting_client
+from workers.scrub import register_settings_secrets
 from workers.transports.base import Transport
 from workers.transports.http import HttpTransport
 from workers.transports.sse import SseTransport
@@ -44,6 +47,8 @@ class Runtime:
     def __init__(self, settings: Settings, registry: Registry, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        # From now on every error and log line of this process is scrubbed of the settings' secrets.
+        register_settings_secrets(settings)
         #: What stdio servers' ``inherit_env`` and ``${NAME}`` draw from (no worker secret in it).
         self.environ = launch_environment(environ)
         self.loop = EventLoopThread()
@@ -52,6 +57,11 @@ class Runtime:
         #: True once the worker is shutting down and has interrupted what was running.
         self.draining = False
         self.loop.run(self._open(), timeout=60)
+
+    @functools.cached_property
+    def verifier(self) -> TokenVerifier:
+        """Verifies user tokens for registry ``policy:`` blocks (keys read on first use)."""
+        return TokenVerifier(self.settings)
 
     async def _open(self) -> None:
         # Every async resource is created on the loop that will use it.

@@ -146,13 +146,8 @@ def scrub_error(exc: SarkError, extra: Iterable[str | None] = ()) -> SarkError:
     return clean
 
 
-_registered_settings: set[int] = set()
-
-
 def register_settings_secrets(settings: Any) -> None:
-    """Register every secret field of a :class:`~config.settings.Settings` (once per settings object)."""
-    if id(settings) in _registered_settings:
-        return
+    """Register every secret field of a :class:`~config.settings.Settings`, and the passwords of its URLs."""
     from pydantic import SecretStr
 
     from config.worker_secrets import url_password
@@ -163,4 +158,3 @@ def register_settings_secrets(settings: Any) -> None:
             register_secret(value.get_secret_value())
         elif isinstance(value, str) and "://" in value:  # broker/backend/Redis URLs: their passwords
             register_secret(url_password(value))
-    _registered_settings.add(id(settings))
