@@ -32,7 +32,14 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(default=None, description="defaults to redis_url")
     redis_url: str = "redis://127.0.0.1:6379/0"
     result_expires: int = Field(default=86_400, gt=0, description="seconds results stay in the backend")
-    visibility_timeout: int = Field(default=3_600, gt=0, description="Redis broker redelivery delay")
+    visibility_timeout: int = Field(default=3_600, gt=0, description="Redis broker redelivery delay (the last "
+                                    "resort: one value for the whole fleet, stored in Redis at first start)")
+    heartbeat_interval: float = Field(default=2.0, gt=0, description="seconds between a worker's heartbeats "
+                                      "(and between renewals of its running invocations' leases)")
+    heartbeat_timeout: float = Field(default=8.0, gt=0, description="a worker silent this long is dead: its "
+                                     "messages go back to their queues, its invocations' leases lapse")
+    recovery_batch: int = Field(default=50, gt=0, description="messages of dead workers a sweeper puts back "
+                                "per event-loop turn")
 
     track_started: bool = Field(default=False, description="store STARTED in the result backend")
     send_sent_event: bool = Field(default=False, description="clients emit task-sent events (Flower)")
@@ -122,6 +129,9 @@ class Settings(BaseSettings):
                 f"must be below visibility_timeout ({self.visibility_timeout}s), "
                 "or running invocations would be redelivered"
             )
+        if self.heartbeat_timeout < 3 * self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be at least 3 x heartbeat_interval (one late heartbeat must "
+                             "not declare a live worker dead)")
         if self.invoke_timeout > self.max_invoke_timeout:
             raise ValueError("invoke_timeout must not exceed max_invoke_timeout")
         if not self.min_invoke_timeout <= self.invoke_timeout:

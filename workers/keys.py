@@ -16,6 +16,12 @@ __all__ = [
     "breaker_index_key",
     "breaker_key",
     "cancel_key",
+    "consumers_key",
+    "fleet_key",
+    "heartbeats_key",
+    "lease_key",
+    "owned_key",
+    "recovering_key",
     "stream_key",
 ]
 
@@ -56,3 +62,37 @@ def cancel_key(request_id: str) -> str:
 def attempt_key(request_id: str) -> str:
     """Counter of deliveries of one invocation, to recognise redeliveries (TTL: ``ATTEMPT_TTL``)."""
     return f"{PREFIX}:attempt:{request_id}"
+
+
+def lease_key(request_id: str) -> str:
+    """Who is carrying out one invocation right now (``<holder>``; TTL: the holder's heartbeat timeout,
+    renewed while it runs, deleted once its outcome is stored). A redelivered copy waits while it exists."""
+    return f"{PREFIX}:lease:{request_id}"
+
+
+def consumers_key() -> str:
+    """Set of broker consumers (worker processes) that have taken messages and may hold some (no TTL;
+    a consumer leaves it when a sweeper recovers it)."""
+    return f"{PREFIX}:consumers"
+
+
+def heartbeats_key() -> str:
+    """Sorted set: consumer id -> the Redis time (ms) after which it is presumed dead (no TTL)."""
+    return f"{PREFIX}:heartbeats"
+
+
+def owned_key(consumer: str) -> str:
+    """Set of the delivery tags one consumer took and has not acknowledged (no TTL; claimed by a sweeper
+    when the consumer's heartbeat lapses)."""
+    return f"{PREFIX}:owned:{consumer}"
+
+
+def recovering_key(consumer: str) -> str:
+    """Set of delivery tags a sweeper claimed from dead consumers and is putting back on their queues
+    (no TTL; claimed in turn if that sweeper dies mid-sweep)."""
+    return f"{PREFIX}:recovering:{consumer}"
+
+
+def fleet_key(name: str) -> str:
+    """A setting every worker of the fleet must share (e.g. ``visibility-timeout``), set by the first worker."""
+    return f"{PREFIX}:fleet:{name}"
