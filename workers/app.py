@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,10 @@ def create_app(settings: Settings | None = None) -> Celery:
             # visibility timeout closely (kombu's default sweep is every 10 s x 10 calls).
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 6)),
             "unacked_restore_throttle": 1,
+            # Fast recovery of dead workers' messages (workers/recovery.py).
+            "sark_heartbeat_interval": settings.heartbeat_interval,
+            "sark_heartbeat_timeout": settings.heartbeat_timeout,
+            "sark_recovery_batch": settings.recovery_batch,
         },
         result_backend_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
@@ -149,6 +154,36 @@ def _refuse_invalid_config(**_: Any) -> None:
         for problem in errors:
             log.error("invalid configuration: %s", problem)
         raise SystemExit(f"refusing to start: {len(errors)} configuration error(s); run `sark check-config`")
+
+
+@worker_init.connect
+def _join_fleet(**_: Any) -> None:
+    """Refuse to start with a visibility timeout other than the fleet's (Redis brokers)."""
+    settings = get_settings()
+    if broker_transport(settings.broker_url) is None:
+        return
+    import redis
+
+    from workers.recovery import VisibilityTimeoutMismatch, check_fleet_visibility_timeout
+
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        waited = 0.0
+        while True:  # like Celery's own start-up, wait for the broker to answer
+            try:
+                check_fleet_visibility_timeout(client, settings.visibility_timeout)
+                return
+            except VisibilityTimeoutMismatch as exc:
+                log.error("invalid configuration: %s", exc)
+                raise SystemExit(f"refusing to start: {exc}") from None
+            except redis.ConnectionError as exc:
+                if waited % 10 == 0:
+                    log.warning("cannot reach the broker to check the fleet's visibility timeout (%s); retrying",
+                                type(exc).__name__)
+                time.sleep(1.0)
+                waited += 1
+    finally:
+        client.close()
 
 
 @worker_shutting_down.connect

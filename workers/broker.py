@@ -22,6 +22,10 @@ A third: the event loop's connections no longer retry a failed read by reconnect
 default), which could leave the worker's main thread blocked for good on a fresh pub/sub socket after
 a Redis restart (:meth:`Channel._connparams`).
 
+A fourth: fast recovery of a dead worker's messages (:mod:`workers.recovery`): each message taken is
+recorded as this process's own in the same pipeline as its unacked record (:meth:`QoS.append`) and
+forgotten with it; the process beats while it consumes; its event loop sweeps for dead consumers.
+
 Used for ``redis://`` and ``rediss://`` brokers (see :func:`broker_transport`); any other broker URL
 keeps kombu's own transport.
 """
@@ -31,12 +35,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from time import time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
+
+from workers.keys import consumers_key, owned_key
+from workers.recovery import Heartbeat, claim_dead, claim_stranded, consumer_id, heartbeat, restore_claimed
 
 __all__ = ["Channel", "QoS", "Transport", "broker_transport"]
 
@@ -55,11 +66,23 @@ def _broker_key(channel: Any) -> str | None:
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS; a message whose unacked record failed to be written is kept for requeueing."""
+    """kombu's Redis QoS: a taken message is recorded as this process's own (and forgotten with its
+    unacked record); one whose unacked record failed to be written is kept for requeueing."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         try:
-            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            self.channel.heartbeat()  # beating before the first message is recorded as ours
+            delivery = message.delivery_info
+            me = consumer_id()
+            # kombu's two writes, plus ownership, in one round trip.
+            record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()})
+                pipe.hset(self.unacked_key, delivery_tag, record)
+                pipe.sadd(owned_key(me), delivery_tag)
+                pipe.sadd(consumers_key(), me)
+                pipe.execute()
+            virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
         except self.channel.connection.connection_errors:
             delivery = message.delivery_info
             key = _broker_key(self.channel)
@@ -70,6 +93,12 @@ class QoS(kombu_redis.QoS):
                 log.warning("broker connection lost while taking message %s: it goes back to its queue on "
                             "reconnection", delivery_tag, extra={"event": "broker.orphan"})
             raise
+
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        # Every way a message leaves the unacked hash (ack, reject, restore) ends its ownership too.
+        pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
+        return pipe.srem(owned_key(consumer_id()), delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
@@ -109,6 +138,65 @@ class Channel(kombu_redis.Channel):
                     extra={"event": "broker.orphans_requeued"})
         return len(pending)
 
+    def heartbeat(self) -> Heartbeat:
+        """This process's heartbeat on this broker (started, with a first beat, on first call)."""
+        found = self._sark_heartbeat
+        if found is None:
+            key = _broker_key(self) or "?"
+            found = self._sark_heartbeat = heartbeat(key, self._heartbeat_client,
+                                                     self.connection.client.transport_options)
+        return found
+
+    _sark_heartbeat: Heartbeat | None = None
+
+    def _heartbeat_client(self) -> redis.Redis:
+        # Its own connections (the thread must not share the event loop's), short timeouts: a heartbeat
+        # blocked on a dead socket would make a live worker look dead.
+        params = dict(self._connparams())
+        params["socket_timeout"] = min(float(params.get("socket_timeout") or 5.0), 5.0)
+        params["socket_connect_timeout"] = min(float(params.get("socket_connect_timeout") or 2.0), 2.0)
+        params.pop("max_connections", None)
+        return redis.Redis(connection_pool=redis.ConnectionPool(**params))
+
+    def sweep(self, loop: Any = None) -> None:
+        """Recover messages nobody holds: this process's own whose channel is gone (a lost connection
+        that could not put them back), then those of dead consumers. Claims them, restores a batch;
+        more batches follow on the event loop until none is left."""
+        beat = self.heartbeat()
+        if not beat.may_sweep():
+            return
+        me = consumer_id()
+        with self.conn_or_acquire() as client:
+            stranded = claim_stranded(client, me, self._held_tags())
+            dead = claim_dead(client, me)
+            if dead:
+                log.warning("consumer(s) %s stopped beating: their messages go back to their queues",
+                            ", ".join(dead), extra={"event": "recovery.dead", "dead": dead})
+            if stranded:
+                log.warning("%d message(s) taken over a lost broker connection go back to their queues",
+                            stranded, extra={"event": "recovery.stranded", "stranded": stranded})
+            restored, left = restore_claimed(self, client, me, beat.config.batch)
+        if restored:
+            log.warning("put back %d message(s) nobody holds, marked redelivered (%d to go)", restored, left,
+                        extra={"event": "recovery.restored", "restored": restored, "left": left})
+        if left and loop is not None:
+            loop.call_later(0.05, self._sweep_safely, loop)
+
+    def _held_tags(self) -> set[str]:
+        """Delivery tags this process's live channels hold (taken, not acknowledged)."""
+        held: set[str] = set()
+        for channel in list(self.connection.cycle._channels):
+            held.update(str(tag) for tag in list(channel.qos._delivered))
+        return held
+
+    def _sweep_safely(self, loop: Any = None) -> None:
+        try:
+            self.sweep(loop)
+        except self.connection_errors:
+            log.debug("sweep skipped: broker unreachable", exc_info=True)
+        except Exception:
+            log.exception("sweep failed")
+
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
@@ -134,9 +222,29 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+    """kombu's Redis transport with :class:`Channel`, sweeping for dead consumers from the event loop."""
 
     Channel = Channel
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
+        cycle: Any = self.cycle
+        old = _sweep_timers.pop(id(loop), None)
+        if old is not None:  # a reconnection registers a new transport: one sweep timer per event loop
+            old.cancel()
+        interval = float(connection.client.transport_options.get("sark_heartbeat_interval", 2.0))
+
+        def sweep() -> None:
+            for channel in list(cycle._channels):
+                if channel.active_queues:  # any consuming channel: the sets are per process, not per channel
+                    channel._sweep_safely(loop)
+                    return
+
+        _sweep_timers[id(loop)] = loop.call_repeatedly(interval, sweep)
+
+
+#: The sweep timer of each event loop (id), cancelled when a reconnection registers anew.
+_sweep_timers: dict[int, Any] = {}
 
 
 def broker_transport(broker_url: str) -> str | None:

@@ -192,10 +192,8 @@ def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
 
     from workers.devstack import wait_for
 
-    # Gateway servers only: stdio start-up timeouts cannot fit under so short a visibility timeout.
     registry = str(Path(__file__).with_name("faults-servers.yaml"))
-    env = {"SARK_VISIBILITY_TIMEOUT": "5", "SARK_MAX_INVOKE_TIMEOUT": "2", "SARK_INVOKE_TIMEOUT": "2",
-           "SARK_REGISTRY_PATH": registry}
+    env = {"SARK_MAX_INVOKE_TIMEOUT": "2", "SARK_INVOKE_TIMEOUT": "2", "SARK_REGISTRY_PATH": registry}
     conn = redis.Redis.from_url(stack.redis.url)  # type: ignore[union-attr]
     first = stack.worker("doomed", env=env, queues="sark.redeliver", concurrency=2)
     task_id = str(uuid.uuid4())
@@ -212,7 +210,8 @@ def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
     first.stop(sig=signal.SIGKILL)
     killed_at = conn.xlen(key)
     assert killed_at < 101
-    # The broker redelivers the unacked task once its visibility timeout (5 s) has passed; the heir
+    # The doomed worker's heartbeat lapses and a sweeper (the heir, once it has beaten for a heartbeat
+    # timeout) puts the unacked task back; the heir
     # replays the stream from the Gateway and publishes only the chunks Redis does not have yet.
     with stack.running_worker("heir", env=env, queues="sark.redeliver", concurrency=2):
         result = pending.get(timeout=WAIT)

@@ -143,6 +143,9 @@ class ControlState:
     max_in_flight: int = 0
     discovery_calls: int = 0
     request_ids: Counter[str] = field(default_factory=Counter)
+    #: request_id -> [start, end] (seconds, this process's monotonic clock) of each call of a tool, to
+    #: tell a repeated call from two running at once (end is None while it runs).
+    spans: dict[str, list[list[float | None]]] = field(default_factory=dict)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
 
     def take(self) -> str:
@@ -310,9 +313,12 @@ class ReferenceGateway:
             return sse_response(tool, parameters, request_id, request.headers.get("last-event-id"))
         ctl.in_flight += 1
         ctl.max_in_flight = max(ctl.max_in_flight, ctl.in_flight)
+        span: list[float | None] = [time.monotonic(), None]
+        ctl.spans.setdefault(str(payload.get("request_id")), []).append(span)
         try:
             return await self._call(tool, parameters)
         finally:
+            span[1] = time.monotonic()
             ctl.in_flight -= 1
 
     async def _call(self, tool: str, parameters: dict[str, Any]) -> Response:
@@ -353,6 +359,7 @@ class ReferenceGateway:
                 "in_flight": ctl.in_flight,
                 "max_in_flight": ctl.max_in_flight,
                 "request_ids": dict(ctl.request_ids),
+                "spans": ctl.spans,
                 "headers": ctl.headers_seen,
             }
         )
