@@ -258,6 +258,40 @@ def cmd_breakers(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Show the workers taking messages from the Redis broker (heartbeats, messages held), or set the
+    fleet's visibility timeout (every worker must run with it; a worker configured otherwise refuses to start)."""
+    import redis
+
+    from config.settings import get_settings
+    from workers.recovery import fleet_status, set_fleet_visibility_timeout
+
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        if args.set_visibility_timeout is not None:
+            set_fleet_visibility_timeout(client, args.set_visibility_timeout)
+            print(f"fleet visibility timeout set to {args.set_visibility_timeout}s")
+            return 0
+        status = fleet_status(client)
+    except redis.RedisError as exc:
+        print(f"cannot reach the broker's Redis: {type(exc).__name__}", file=sys.stderr)
+        return 3
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"visibility timeout: {status['visibility_timeout'] or 'not set yet'}"
+          f"{'s' if status['visibility_timeout'] else ''}")
+    for row in status["consumers"]:
+        state = "alive" if row["alive"] else "DEAD (its messages go back at the next sweep)"
+        print(f"{row['consumer']:<48} {state:<10} holds {row['messages']:>4}  recovering {row['recovering']:>4}")
+    if not status["consumers"]:
+        print("no worker has taken a message yet")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate settings and the server registry; exit 2 when an error is found."""
     from config.check import check_config
@@ -377,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("breakers", help="show or reset circuit breakers", description=cmd_breakers.__doc__)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="list | reset [TARGET|--all]")
     p.set_defaults(fn=cmd_breakers)
+
+    p = sub.add_parser("fleet", help="workers' heartbeats and held messages; the fleet's visibility timeout",
+                       description=cmd_fleet.__doc__)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--set-visibility-timeout", type=int, metavar="SECONDS")
+    p.set_defaults(fn=cmd_fleet)
 
     p = sub.add_parser("check-config", help="validate settings and registry", description=cmd_check_config.__doc__)
     p.add_argument("--quiet", action="store_true")

@@ -52,8 +52,10 @@ __all__ = [
     "claim_dead",
     "claim_stranded",
     "consumer_id",
+    "fleet_status",
     "heartbeat",
     "restore_claimed",
+    "set_fleet_visibility_timeout",
 ]
 
 log = logging.getLogger("sark.recovery")
@@ -154,6 +156,36 @@ def check_fleet_visibility_timeout(client: redis.Redis, visibility_timeout: int)
             f"invocations). Use {fleet}, or change the fleet's with `sark fleet --set-visibility-timeout N` "
             "once every worker runs with N."
         )
+
+
+def set_fleet_visibility_timeout(client: redis.Redis, visibility_timeout: int) -> None:
+    """Change the fleet's visibility timeout (an operator's act, once every worker runs with the new one)."""
+    client.set(fleet_key("visibility-timeout"), str(visibility_timeout))
+
+
+def fleet_status(client: redis.Redis) -> dict[str, Any]:
+    """The fleet as Redis sees it: each consumer's heartbeat and messages, and the shared settings."""
+    seconds, micros = client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    scored: list[Any] = list(client.zrange(heartbeats_key(), 0, -1, withscores=True))
+    deadlines = {_text(c): float(score) for c, score in scored}
+    consumers = sorted({_text(c) for c in client.smembers(consumers_key())} | set(deadlines))
+    rows = []
+    for consumer in consumers:
+        deadline = deadlines.get(consumer)
+        rows.append({
+            "consumer": consumer,
+            "alive": deadline is not None and deadline >= now_ms,
+            "presumed_dead_in_s": None if deadline is None else round((deadline - now_ms) / 1000.0, 1),
+            "messages": int(client.scard(owned_key(consumer))),
+            "recovering": int(client.scard(recovering_key(consumer))),
+        })
+    stored = client.get(fleet_key("visibility-timeout"))
+    return {"visibility_timeout": int(stored) if stored is not None else None, "consumers": rows}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class HeartbeatConfig:
