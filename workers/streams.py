@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from workers.errors import Cancelled, PayloadTooLarge, SarkError, StoreUnavailable
 from workers.keys import stream_key
@@ -134,6 +134,21 @@ def decode_entry(raw_id: Any, raw: Any) -> StreamEntry:
     if kind == "cancelled":
         return StreamEntry(id=ident, kind="cancelled", chunks=int(fields["chunks"]), error=json.loads(fields["error"]))
     raise ValueError(f"stream entry {ident} has unknown kind {kind!r}")
+
+
+def _raise_unless_written(replies: list[Any]) -> None:
+    """Raise the first error among a pipeline's replies, except an XADD whose entry is already there.
+
+    A pipeline sent again after a lost connection (the client's retry) may find that its first sending
+    did reach Redis before the connection died: its XADDs are refused ("equal or smaller than the
+    target stream top item"). Ids are derived from the chunk's position, so the entry there is this
+    one (seen after a Redis restart under load: the re-sent pipeline failed a streamed invocation).
+    """
+    for reply in replies:
+        if isinstance(reply, ResponseError) and "equal or smaller" in str(reply):
+            continue
+        if isinstance(reply, Exception):
+            raise reply
 
 
 class StreamPublisher:
@@ -248,7 +263,7 @@ class StreamPublisher:
                 for ident, fields in batch:
                     pipe.xadd(self.key, fields, id=ident, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
                 pipe.expire(self.key, self._running_ttl)
-                await pipe.execute()
+                _raise_unless_written(await pipe.execute(raise_on_error=False))
         except RedisError as exc:
             self._failure = self._redis_failure(exc)
         except BaseException as exc:
@@ -277,7 +292,7 @@ class StreamPublisher:
                 pipe.xadd(self.key, fields, id=ident, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
                 pipe.expire(self.key, self._ttl)
                 try:
-                    await pipe.execute()
+                    _raise_unless_written(await pipe.execute(raise_on_error=False))
                 except RedisError as exc:
                     raise self._redis_failure(exc) from exc
 

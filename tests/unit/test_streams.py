@@ -188,3 +188,27 @@ def test_a_stream_quiet_for_longer_than_one_block_is_still_followed(redis_url: s
     finally:
         writer.join(30)
     assert [c.data for c in chunks] == [{"i": 0}, {"i": 1}]
+
+
+def test_a_pipeline_sent_again_after_a_lost_reply_is_not_a_failure(redis_url: str, sync_redis: redis.Redis) -> None:
+    """The client re-sends a pipeline whose connection died after Redis had run it (a Redis restart)."""
+    rid = str(uuid.uuid4())
+
+    async def run() -> None:
+        conn = aioredis.Redis.from_url(redis_url)
+        try:
+            publisher = StreamPublisher(conn, rid, maxlen=100, ttl=60, running_ttl=120, max_chunks=50,
+                                        max_bytes=1 << 20)
+            await publisher.open()
+            # What the first sending wrote before its reply was lost:
+            sync_redis.xadd(stream_key(rid), {"kind": "chunk", "seq": 0, "event_type": "message", "data": "{}",
+                                              "ts": 0.0}, id=entry_id(0))
+            await publisher.sink(Chunk(seq=0, data={}))
+            await publisher.flush()
+            await publisher.done({"ok": True})
+        finally:
+            await conn.aclose()
+
+    asyncio.run(run())
+    entries = list(stream_client.follow(rid, redis_url=redis_url, idle_timeout=5))
+    assert [e.kind for e in entries] == ["chunk", "done"]
