@@ -283,3 +283,15 @@ def test_redis_restart_under_mixed_load(
     assert row.completed == row.sent
     assert row.concurrent == 0
     assert [r["chunks"] for r in results] == [20] * len(sse) + [5] * len(stdio)
+
+
+def test_a_worker_with_another_visibility_timeout_than_the_fleet_refuses_to_start(
+    stack: DevStack, worker: Proc, queue: str
+) -> None:
+    """The session worker set the fleet's (3600 s) on the session Redis; a worker with 3000 s is refused."""
+    from workers.devstack import ProcessExited
+
+    with pytest.raises(ProcessExited) as refused:
+        stack.worker("odd-one", env={"SARK_VISIBILITY_TIMEOUT": "3000"}, queues=queue)
+    assert "refusing to start" in str(refused.value) and "3600s for the fleet" in str(refused.value)
+    assert "sark fleet --set-visibility-timeout" in str(refused.value)
