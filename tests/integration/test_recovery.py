@@ -271,7 +271,6 @@ def test_redis_restart_under_mixed_load(
         down = time.monotonic()
         restarted = start_redis(stack.log_dir, port=port, appendonly=True, data_dir=stack.log_dir / f"redis-{port}")
         row.collect(pendings, down)
-        results = [wait_result(p, 1) for p in sse + stdio]
         assert worker.alive()
     finally:
         worker.stop()
@@ -282,7 +281,7 @@ def test_redis_restart_under_mixed_load(
     assert row.lost == 0 and row.typed_errors == 0, row.errors[:5]
     assert row.completed == row.sent
     assert row.concurrent == 0
-    assert [r["chunks"] for r in results] == [20] * len(sse) + [5] * len(stdio)
+    assert [wait_result(p, 1)["chunks"] for p in sse + stdio] == [20] * len(sse) + [5] * len(stdio)
 
 
 def test_a_worker_with_another_visibility_timeout_than_the_fleet_refuses_to_start(
