@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from workers.contract import (
 )
 from workers.display import invocation_repr
 from workers.errors import (
+    AlreadyRunning,
     Cancelled,
     CircuitOpen,
     InternalError,
@@ -36,8 +38,8 @@ from workers.errors import (
     UnknownServer,
 )
 from workers.invoker import execute, open_call_token
-from workers.keys import ATTEMPT_TTL, attempt_key
-from workers.runtime import Runtime, get_runtime
+from workers.leases import max_waits
+from workers.runtime import Runtime, current_runtime, get_runtime
 from workers.scrub import scrub_error
 from workers.tokens import check_operator_signature
 
@@ -52,6 +54,17 @@ _WAIT_MARGIN = 5.0
 #: pause before each (a Redis restart takes a few seconds; a longer outage fails typed).
 _STORE_RETRIES = 10
 _STORE_RETRY_DELAY = 2.0
+#: Seconds past the moment another worker's lease would lapse before this delivery tries again.
+_LEASE_RETRY_MARGIN = 0.25
+#: Seconds a task thread waits for its lease's release before re-queueing its invocation (off the hot path:
+#: the re-queued copy should find the lease free, not wait for it to lapse).
+_RELEASE_WAIT = 1.0
+#: Message header: how many of the invocation's re-queues waited on another worker's lease.
+#: ``request.retries`` counts every re-queue; lease waits (up to :func:`workers.leases.max_waits`) are
+#: taken out of it, so that they never use up the budgets of ``StoreUnavailable`` and ``CircuitOpen``.
+_LEASE_WAITS_HEADER = "sark_lease_waits"
+#: Attribute of the task's request holding this execution's lease token (for :func:`_release_after_outcome`).
+_LEASE_ATTR = "sark_lease"
 
 
 def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
@@ -74,43 +87,39 @@ def _header(task: Task, name: str) -> object:
     return value if value is not None else getattr(task.request, name, None)
 
 
-def _attempt(task: Task, runtime: Runtime, request_id: str) -> int:
-    """1 on first delivery; on a redelivery (worker lost, Redis visibility timeout) 2, 3, …"""
-    info = task.request.delivery_info or {}
-    headers = task.request.headers or {}
-    if not (info.get("redelivered") or headers.get("redelivered") or getattr(task.request, "redelivered", False)):
-        return 1
-
-    async def count() -> int:
-        key = attempt_key(request_id)
-        async with runtime.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, ATTEMPT_TTL)
-            seen, _ = await pipe.execute()
-        return int(seen) + 1
-
-    try:
-        return runtime.loop.run(count(), timeout=5)
-    except Exception:  # the count is informative; never fail an invocation over it
-        return 2
-
-
 def _shown(invocation: Any) -> dict[str, str]:
     """What a re-published invocation's headers and task-sent events show (Celery would put the values)."""
     return {"argsrepr": "()", "kwargsrepr": invocation_repr(invocation) if isinstance(invocation, dict) else "()"}
 
 
-def _stored_result(task: Task, request_id: str) -> dict[str, Any] | None:
+def _stored_result(backend: Any, request_id: str) -> dict[str, Any] | None:
     """The result an earlier delivery of this invocation stored, if it succeeded (one backend read)."""
     try:
-        meta = task.backend.get_task_meta(request_id, cache=False)
+        meta = backend.get_task_meta(request_id, cache=False)
     except Exception:  # the backend is unreachable: carry the invocation out as usual
         return None
     result = meta.get("result")
     return result if meta.get("status") == states.SUCCESS and isinstance(result, dict) else None
 
 
-@app.task(name=TASK_INVOKE, bind=True, throws=(SarkError,))
+def _lease_waits(task: Task) -> int:
+    """Re-queues of this invocation spent waiting on another worker's lease (see :data:`_LEASE_WAITS_HEADER`)."""
+    value = _header(task, _LEASE_WAITS_HEADER)
+    return max(0, min(value, task.request.retries)) if isinstance(value, int) else 0
+
+
+def _release_after_outcome(task: Task, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                           einfo: Any) -> None:
+    """``after_return``: Celery has stored the outcome (SUCCESS or FAILURE; it never calls this for a retry or
+    a rejection). Only now may the lease go: a copy of the invocation starting earlier would find neither a
+    lease nor a stored result, and call the tool again. Fire and forget: nothing waits for Redis here."""
+    token = getattr(task.request, _LEASE_ATTR, None)
+    runtime = current_runtime()
+    if isinstance(token, str) and runtime is not None:
+        runtime.release_lease(str(task_id), token)
+
+
+@app.task(name=TASK_INVOKE, bind=True, throws=(SarkError,), after_return=_release_after_outcome)
 def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     """Carry out one MCP tool invocation; returns InvocationResult JSON or raises a SarkError."""
     runtime = get_runtime()
@@ -118,38 +127,45 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     request_id = str(self.request.id)
     # The loop enforces the call's own timeouts; this is the outer bound on waiting for it.
     wait = s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max) + _WAIT_MARGIN
-    attempt = _attempt(self, runtime, request_id)
-    if attempt > 1:
-        stored = _stored_result(self, request_id)
-        if stored is not None:
-            # An earlier delivery finished (its message came back after the visibility timeout, or its
-            # worker died before acknowledging): hand back its result instead of calling the tool again.
-            log.warning("redelivered invocation %s (attempt %d) had already finished: its stored result is "
-                        "returned, the tool is not called again", request_id, attempt)
-            return stored
-        log.warning("redelivered invocation %s (attempt %d): same request_id sent again", request_id, attempt)
+    lease = runtime.leases.new_token()
+    setattr(self.request, _LEASE_ATTR, lease)
+    lease_waits = _lease_waits(self)
+    retried = self.request.retries - lease_waits  # re-queues for StoreUnavailable / CircuitOpen
+    # `previous` reads the backend in a thread of the loop: with this thread's backend (its client is thread-safe).
     coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
-                   attempt=attempt)
+                   lease=lease, previous=functools.partial(_stored_result, self.backend, request_id))
     try:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:
         raise InvocationTimeout(f"no result within {wait:g}s") from None
+    except AlreadyRunning as exc:
+        # Another worker is carrying this invocation out: come back about when its lease would lapse if it
+        # died; the next start finds the lease free and, if that worker finished, its stored result. Past
+        # the longest invocation, the holder is not coming back: fail typed.
+        if lease_waits >= max_waits(s):
+            raise
+        headers = {**(self.request.headers or {}), _LEASE_WAITS_HEADER: lease_waits + 1}
+        raise self.retry(exc=exc, countdown=exc.retry_after + _LEASE_RETRY_MARGIN,
+                         max_retries=retried + max_waits(s), headers=headers, **_shown(invocation)) from None
     except Cancelled:
         if runtime.draining:  # interrupted by the worker's shutdown, not by the caller: run it elsewhere
+            runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
             raise Reject("worker shutting down", requeue=True) from None
         raise
     except StoreUnavailable as exc:
         # The worker's Redis was unreachable before the tool was called: put the invocation back (with a
         # pause) instead of failing it; once the tool may have run, fail with the typed error.
-        if exc.detail.get("reached_target") is False and self.request.retries < _STORE_RETRIES:
-            raise self.retry(exc=exc, countdown=_STORE_RETRY_DELAY, max_retries=_STORE_RETRIES,
+        if exc.detail.get("reached_target") is False and retried < _STORE_RETRIES:
+            runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
+            raise self.retry(exc=exc, countdown=_STORE_RETRY_DELAY, max_retries=lease_waits + _STORE_RETRIES,
                              **_shown(invocation)) from None
         raise
     except CircuitOpen as exc:
         # Re-queue after the breaker's remaining open time, if configured (default: fail fast).
-        if self.request.retries >= s.breaker_retry_max:
+        if retried >= s.breaker_retry_max:
             raise
-        raise self.retry(exc=exc, countdown=max(exc.retry_after, 0.05), max_retries=s.breaker_retry_max,
+        runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
+        raise self.retry(exc=exc, countdown=max(exc.retry_after, 0.05), max_retries=lease_waits + s.breaker_retry_max,
                          **_shown(invocation)) from None
     return result.model_dump(mode="json")
 

@@ -18,6 +18,7 @@ __all__ = [
     "TASK_LIST_SERVERS",
     "TASK_LIST_TOOLS",
     "TOKEN_HEADER",
+    "AlreadyRunning",
     "AsyncSarkClient",
     "AuthorizationDenied",
     "Cancelled",
@@ -59,6 +60,7 @@ from workers.contract import (
     TOKEN_HEADER,
 )
 from workers.errors import (
+    AlreadyRunning,
     AuthorizationDenied,
     Cancelled,
     CircuitOpen,

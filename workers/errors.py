@@ -15,8 +15,9 @@ Callers catch :class:`SarkError`; every failure a task can end with is one of th
     │   ├── GatewayUnavailable     connection refused/reset, DNS, TLS
     │   ├── ProtocolError          malformed SSE event, JSON-RPC line or JSON body
     │   ├── ServerCrashed          a stdio server exited or could not start
-    │   └── StoreUnavailable       the worker's Redis (streams, breakers) could not be reached
+    │   └── StoreUnavailable       the worker's Redis (leases, streams, breakers) could not be reached
     ├── CircuitOpen(retry_after)   the target's breaker is open; no call was made
+    ├── AlreadyRunning             another worker is carrying out the same invocation (``retry_after``)
     ├── Cancelled                  the invocation was cancelled by its caller
     └── InternalError              a fault of the worker itself (details only in the worker log)
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AlreadyRunning",
     "AuthorizationDenied",
     "Cancelled",
     "CircuitOpen",
@@ -178,7 +180,7 @@ class ServerCrashed(TransportError):
 
 
 class StoreUnavailable(TransportError):
-    """The worker's own Redis (streams, attempt counter) could not be reached, after reconnecting.
+    """The worker's own Redis (leases, streams) could not be reached, after reconnecting.
 
     Not the target's fault: it never counts against the target's breaker. ``detail["reached_target"]``
     says whether the tool had been called; when it had not, the worker puts the invocation back in its
@@ -200,6 +202,22 @@ class CircuitOpen(SarkError):
     @property
     def retry_after(self) -> float:
         """Seconds until a trial call is allowed."""
+        return float(self.detail.get("retry_after", 0.0))
+
+
+class AlreadyRunning(SarkError):
+    """Another worker holds the invocation's lease (it is carrying it out): this delivery did nothing.
+
+    A redelivered copy of a running invocation meets it; the worker puts that copy back in its queue
+    for ``detail["retry_after"]`` seconds (about when the lease would lapse if its holder died), and only
+    fails with it after waiting longer than any invocation may run.
+    """
+
+    code = "already_running"
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the lease lapses unless its holder renews it."""
         return float(self.detail.get("retry_after", 0.0))
 
 
@@ -233,6 +251,7 @@ _BY_NAME: dict[str, type[SarkError]] = {
         ServerCrashed,
         StoreUnavailable,
         CircuitOpen,
+        AlreadyRunning,
         Cancelled,
         InternalError,
     )

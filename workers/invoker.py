@@ -1,4 +1,4 @@
-"""The invocation pipeline: validate → resolve server → call the transport → validate the result."""
+"""The invocation pipeline: take the lease → validate → resolve server → call the transport → validate the result."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -99,10 +101,26 @@ def open_call_token(settings: Settings, token_header: object, request_id: str,
     )
 
 
+#: Reads the result an earlier start of an invocation stored, if it succeeded (blocking; run in a thread).
+StoredResult = Callable[[], "dict[str, Any] | None"]
+
+
 async def execute(
-    runtime: Runtime, raw: object, *, token_header: object, request_id: str, attempt: int = 1
+    runtime: Runtime,
+    raw: object,
+    *,
+    token_header: object,
+    request_id: str,
+    lease: str,
+    previous: StoredResult | None = None,
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
+
+    First of all, the invocation's lease is taken for the holder token ``lease``
+    (:mod:`workers.leases`): while another execution holds it, nothing happens and
+    :class:`~workers.errors.AlreadyRunning` is raised. The caller releases the lease once the outcome is
+    stored. On a later start (``attempt`` > 1), ``previous`` is asked for the stored result of an earlier
+    one: when there is one, it is returned as it is, the tool is not called and no stream is published.
 
     ``token_header`` is the ``sark_token`` message header as received (sealed, clear or absent): it is
     opened and checked here, so that a refused token ends a streamed invocation's stream too.
@@ -123,6 +141,12 @@ async def execute(
             ENCRYPTED_PREFIX) and len(token_header) <= s.max_token_bytes) else None
         scope.enter_context(call_secrets(clear_header))
         try:
+            # Nothing observable happens before the lease is ours (no stream, no token opened).
+            attempt = await runtime.leases.acquire(request_id, lease)
+            if attempt > 1:
+                stored = await _stored_result(request_id, attempt, previous)
+                if stored is not None:
+                    return stored
             if isinstance(raw, dict) and raw.get("stream"):
                 publisher = StreamPublisher(
                     runtime.redis,
@@ -161,6 +185,25 @@ async def execute(
         if publisher is not None:
             await publisher.done(result.result)
         return result
+
+
+async def _stored_result(request_id: str, attempt: int, previous: StoredResult | None) -> InvocationResult | None:
+    """The result an earlier start of this invocation stored, if it succeeded; logs the later start."""
+    stored = await asyncio.to_thread(previous) if previous is not None else None
+    if stored is not None:
+        try:
+            result = InvocationResult.model_validate(stored)
+        except ValidationError:
+            log.warning("invocation %s (attempt %d): the stored result of an earlier attempt does not validate; "
+                        "carrying the invocation out again", request_id, attempt)
+        else:
+            # An earlier delivery finished (its message came back after the visibility timeout, or its
+            # worker died before acknowledging): hand back its result instead of calling the tool again.
+            log.warning("redelivered invocation %s (attempt %d) had already finished: its stored result is "
+                        "returned, the tool is not called again", request_id, attempt)
+            return result
+    log.warning("redelivered invocation %s (attempt %d): same request_id sent again", request_id, attempt)
+    return None
 
 
 async def _end_stream(publisher: StreamPublisher, error: SarkError) -> None:

@@ -9,6 +9,7 @@ snapshotted without the worker's secrets, then the secrets leave the environment
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -25,7 +26,8 @@ from workers.breaker import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
 from workers.errors import Cancelled, InvalidInvocation
 from workers.gateway_client import GatewayClient
-from workers.loop import EventLoopThread
+from workers.leases import LeaseKeeper, max_hold
+from workers.loop import EventLoopThread, LoopClosed
 from workers.models import TransportName
 from workers.redis_client import reconnecting_client
 from workers.scrub import register_settings_secrets
@@ -68,6 +70,10 @@ class Runtime:
         self.redis: aioredis.Redis = reconnecting_client(
             self.settings.redis_url, health_check_interval=10, socket_keepalive=True
         )
+        #: The leases of the invocations this process carries out, renewed in the background.
+        self.leases = LeaseKeeper(self.redis, ttl=self.settings.heartbeat_timeout,
+                                  interval=self.settings.heartbeat_interval, hold=max_hold(self.settings))
+        self.leases.start()
         self.gateway = GatewayClient(self.settings)
         self.breakers = BreakerBoard.from_settings(self.settings, self.registry)
         await self.breakers.start()
@@ -102,7 +108,8 @@ class Runtime:
             TimeoutError: no result within ``timeout``.
         """
         future = self.loop.submit(coro)
-        self._inflight[request_id] = future
+        # A second delivery of a running invocation (it only waits for the lease) never hides the first.
+        self._inflight.setdefault(request_id, future)
         try:
             return future.result(timeout)
         except concurrent.futures.CancelledError:
@@ -111,7 +118,24 @@ class Runtime:
             future.cancel()
             raise TimeoutError(f"no result within {timeout}s") from None
         finally:
-            self._inflight.pop(request_id, None)
+            if self._inflight.get(request_id) is future:
+                del self._inflight[request_id]
+
+    def release_lease(self, request_id: str, token: str, *, wait: float = 0.0) -> None:
+        """Give up this execution's lease of ``request_id``, from a task thread; never raises.
+
+        ``wait`` 0: without waiting (:meth:`LeaseKeeper.release_soon`: it goes with the next lease command
+        of this process, within 0.1 s); otherwise now, waiting up to ``wait`` seconds for Redis.
+        """
+        if wait <= 0:
+            self.leases.release_soon(request_id, token)
+            return
+        try:
+            future = self.loop.submit(self.leases.release(request_id, token))
+        except LoopClosed:
+            return  # the process is stopping: the lease lapses
+        with contextlib.suppress(Exception):
+            future.result(wait)
 
     def drain(self) -> int:
         """Stop everything in flight (cold/soft shutdown): interrupted invocations go back to the queue."""
@@ -136,6 +160,7 @@ class Runtime:
             raise InvalidInvocation(f"transport {name!r} is not available on this worker") from None
 
     async def _close(self) -> None:
+        await self.leases.close()
         for transport in self.transports.values():
             try:
                 await transport.close()

@@ -15,7 +15,8 @@ from workers.models import Chunk, parse_invocation
 
 PUBLIC_API = {
     "TASK_BREAKERS", "TASK_GET_SERVER", "TASK_HEALTH", "TASK_INVOKE", "TASK_LIST_SERVERS", "TASK_LIST_TOOLS",
-    "TOKEN_HEADER", "OPERATOR_HEADER", "AsyncSarkClient", "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen",
+    "TOKEN_HEADER", "OPERATOR_HEADER", "AlreadyRunning", "AsyncSarkClient", "AuthorizationDenied", "Cancelled",
+    "Chunk", "CircuitOpen",
     "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InternalError", "InvalidInvocation",
     "InvalidToken", "Invocation",
     "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
@@ -44,6 +45,8 @@ def test_task_names_are_stable() -> None:
         errors.InvocationTimeout("slow"),
         errors.AuthorizationDenied("no", {"status_code": 403}),
         errors.CircuitOpen("open", {"retry_after": 12.5}),
+        errors.AlreadyRunning("invocation x is being carried out by another worker; this delivery waits for it",
+                              {"request_id": "x", "retry_after": 7.5}),
         errors.PayloadTooLarge("big", {"limit": 10, "size": 11}),
         errors.ServerCrashed("died"),
         errors.InvalidToken("the token is empty"),
@@ -71,6 +74,8 @@ def test_error_classification() -> None:
     assert not errors.AuthorizationDenied("x").counts_as_failure
     assert issubclass(errors.UnknownServer, errors.InvalidInvocation)
     assert errors.CircuitOpen("o", {"retry_after": 3}).retry_after == 3
+    assert errors.AlreadyRunning("a", {"retry_after": 2.5}).retry_after == 2.5
+    assert not errors.AlreadyRunning("a").counts_as_failure
 
 
 def test_invalid_invocation_never_echoes_values() -> None:
