@@ -38,7 +38,7 @@ from workers.errors import (
     UnknownServer,
 )
 from workers.invoker import execute, open_call_token
-from workers.leases import max_waits
+from workers.leases import TAKEN_HEADER, max_waits, taken_lease
 from workers.runtime import Runtime, current_runtime, get_runtime
 from workers.scrub import scrub_error
 from workers.tokens import check_operator_signature
@@ -127,13 +127,16 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     request_id = str(self.request.id)
     # The loop enforces the call's own timeouts; this is the outer bound on waiting for it.
     wait = s.invoke_attempts * (s.max_invoke_timeout + s.invoke_wait_max) + _WAIT_MARGIN
-    lease = runtime.leases.new_token()
+    taken = taken_lease(_header(self, TAKEN_HEADER), ttl=s.heartbeat_timeout,
+                        interval=s.heartbeat_interval) if runtime.leases_taken_with_messages else None
+    lease = taken[0] if taken else runtime.leases.new_token()
     setattr(self.request, _LEASE_ATTR, lease)
     lease_waits = _lease_waits(self)
     retried = self.request.retries - lease_waits  # re-queues for StoreUnavailable / CircuitOpen
     # `previous` reads the backend in a thread of the loop: with this thread's backend (its client is thread-safe).
     coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
-                   lease=lease, previous=functools.partial(_stored_result, self.backend, request_id))
+                   lease=lease, taken_attempt=taken[1] if taken else None,
+                   previous=functools.partial(_stored_result, self.backend, request_id))
     try:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:

@@ -25,6 +25,7 @@ from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
 from workers.broker import broker_transport
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
+from workers.leases import taken_with_messages
 from workers.logs import configure_logging
 from workers.models import default_transport
 
@@ -121,6 +122,8 @@ def create_app(settings: Settings | None = None) -> Celery:
             "sark_heartbeat_interval": settings.heartbeat_interval,
             "sark_heartbeat_timeout": settings.heartbeat_timeout,
             "sark_recovery_batch": settings.recovery_batch,
+            # Invocation leases taken with their messages (workers/leases.py).
+            "sark_take_leases": taken_with_messages(settings),
         },
         result_backend_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections import deque
 from time import time
 from typing import Any
@@ -46,7 +47,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from workers.keys import consumers_key, owned_key
+from workers.contract import TASK_INVOKE
+from workers.keys import ATTEMPT_TTL, attempt_key, consumers_key, lease_key, owned_key
+from workers.leases import BEGIN, TAKEN_HEADER
 from workers.recovery import Heartbeat, claim_dead, claim_stranded, consumer_id, heartbeat, restore_claimed
 
 __all__ = ["Channel", "QoS", "Transport", "broker_transport"]
@@ -75,13 +78,23 @@ class QoS(kombu_redis.QoS):
             delivery = message.delivery_info
             me = consumer_id()
             # kombu's two writes, plus ownership, in one round trip.
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            headers.pop(TAKEN_HEADER, None)  # only this consumer says a lease was taken with the message
+            lease = self._lease_to_take(headers)
             record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
             with self.pipe_or_acquire() as pipe:
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time()})
                 pipe.hset(self.unacked_key, delivery_tag, record)
                 pipe.sadd(owned_key(me), delivery_tag)
                 pipe.sadd(consumers_key(), me)
-                pipe.execute()
+                if lease is not None:  # the invocation's lease, in the same round trip (workers/leases.py)
+                    request_id, token, ttl_ms = lease
+                    pipe.eval(BEGIN, 2, lease_key(request_id), attempt_key(request_id), token, ttl_ms, ATTEMPT_TTL)
+                replies = pipe.execute()
+            if lease is not None:
+                attempt = int(replies[-1][0])
+                if attempt > 0:  # (0: another execution holds it; the task finds out by itself)
+                    headers[TAKEN_HEADER] = {"token": lease[1], "attempt": attempt, "at": time()}
             virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
         except self.channel.connection.connection_errors:
             delivery = message.delivery_info
@@ -94,6 +107,18 @@ class QoS(kombu_redis.QoS):
                             "reconnection", delivery_tag, extra={"event": "broker.orphan"})
             raise
 
+
+    def _lease_to_take(self, headers: dict[str, Any]) -> tuple[str, str, int] | None:
+        """(request id, holder token, ttl ms) when this message's invocation lease is taken with it: a
+        ``sark.invoke`` to run now (not a retry waiting for its ETA), leases enabled for this broker."""
+        options = self.channel.connection.client.transport_options
+        if not options.get("sark_take_leases") or headers.get("task") != TASK_INVOKE or headers.get("eta"):
+            return None
+        request_id = headers.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            return None
+        ttl_ms = int(float(options.get("sark_heartbeat_timeout", 8.0)) * 1000)
+        return request_id, f"{consumer_id()}:{uuid.uuid4().hex[:8]}", ttl_ms
 
     def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
         # Every way a message leaves the unacked hash (ack, reject, restore) ends its ownership too.

@@ -112,12 +112,14 @@ async def execute(
     token_header: object,
     request_id: str,
     lease: str,
+    taken_attempt: int | None = None,
     previous: StoredResult | None = None,
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
 
     First of all, the invocation's lease is taken for the holder token ``lease``
-    (:mod:`workers.leases`): while another execution holds it, nothing happens and
+    (:mod:`workers.leases`; ``taken_attempt``: the consumer took it with the message, it is only adopted):
+    while another execution holds it, nothing happens and
     :class:`~workers.errors.AlreadyRunning` is raised. The caller releases the lease once the outcome is
     stored. On a later start (``attempt`` > 1), ``previous`` is asked for the stored result of an earlier
     one: when there is one, it is returned as it is, the tool is not called and no stream is published.
@@ -142,7 +144,11 @@ async def execute(
         scope.enter_context(call_secrets(clear_header))
         try:
             # Nothing observable happens before the lease is ours (no stream, no token opened).
-            attempt = await runtime.leases.acquire(request_id, lease)
+            if taken_attempt:  # the broker's consumer took it with the message (workers.leases.TAKEN_HEADER)
+                runtime.leases.adopt(request_id, lease)
+                attempt = taken_attempt
+            else:
+                attempt = await runtime.leases.acquire(request_id, lease)
             if attempt > 1:
                 stored = await _stored_result(request_id, attempt, previous)
                 if stored is not None:

@@ -26,7 +26,7 @@ from workers.breaker import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
 from workers.errors import Cancelled, InvalidInvocation
 from workers.gateway_client import GatewayClient
-from workers.leases import LeaseKeeper, max_hold
+from workers.leases import LeaseKeeper, max_hold, taken_with_messages
 from workers.loop import EventLoopThread, LoopClosed
 from workers.models import TransportName
 from workers.redis_client import reconnecting_client
@@ -59,6 +59,12 @@ class Runtime:
         #: True once the worker is shutting down and has interrupted what was running.
         self.draining = False
         self.loop.run(self._open(), timeout=60)
+
+    @functools.cached_property
+    def leases_taken_with_messages(self) -> bool:
+        """The broker's consumer takes invocation leases with their messages (a ``sark_lease`` header is
+        trusted only then: that consumer sets or removes it on every message it takes)."""
+        return taken_with_messages(self.settings)
 
     @functools.cached_property
     def verifier(self) -> TokenVerifier:

@@ -136,16 +136,17 @@ def test_sigkill_one_of_two_workers_with_100_in_flight(
 
 
 def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(
-    stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
+    stack: DevStack, private_redis: Proc, user_token: str, gateway_control: GatewayControl, queue: str
 ) -> None:
-    assert stack.redis is not None
+    # A Redis of its own: every worker on a Redis sweeps for the whole fleet there (the session's too).
     # One message put back per event-loop turn: a sweep of ~40 messages lasts seconds, time to kill it.
-    env = {"SARK_QUEUE_HTTP": queue, "SARK_RECOVERY_BATCH": "1"}
+    env = {"SARK_QUEUE_HTTP": queue, "SARK_RECOVERY_BATCH": "1", "SARK_BROKER_URL": private_redis.url,
+           "SARK_REDIS_URL": private_redis.url}
     app = _app(env)
     victim = stack.worker("victim", env=env, queues=queue, concurrency=40)
     sweepers = [stack.worker(f"sweeper-{i}", env=env, queues=queue, concurrency=30) for i in range(2)]
     by_pid = {proc.popen.pid: proc for proc in sweepers}
-    conn = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    conn = redis.Redis.from_url(private_redis.url, decode_responses=True)
     pendings = _send_sleeps(app, queue, user_token, INVOCATIONS)
     row = FaultRow("Redis: SIGKILL the sweeper mid-sweep", sent=len(pendings))
     survivor: Proc | None = None

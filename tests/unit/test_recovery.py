@@ -150,3 +150,33 @@ def test_fleet_status_shows_each_consumer_and_the_shared_setting(client: redis.R
     rows = {r["consumer"]: r for r in status["consumers"]}
     assert rows["a"]["alive"] and rows["a"]["messages"] == 2
     assert not rows["b"]["alive"] and rows["b"]["messages"] == 0
+
+
+def test_the_consumer_takes_an_invocations_lease_with_its_message(redis_url: str, client: redis.Redis) -> None:
+    from workers.contract import TASK_INVOKE
+    from workers.keys import attempt_key, lease_key
+    from workers.leases import TAKEN_HEADER
+
+    conn = Connection(redis_url, transport=Transport, transport_options={**SLOW, "sark_take_leases": True})
+    try:
+        channel = conn.default_channel
+        exchange = Exchange("lq", type="direct")
+        Queue("lq", exchange, "lq", channel=channel).declare()
+        producer = conn.Producer(channel)
+        forged = {TAKEN_HEADER: {"token": "forged", "attempt": 1, "at": 0}}
+        for headers in ({"task": TASK_INVOKE, "id": "r1"}, {"task": TASK_INVOKE, "id": "r1", **forged},
+                        {"task": TASK_INVOKE, "id": "r2", "eta": "2099-01-01T00:00:00", **forged},
+                        {"task": "other", "id": "r3"}):
+            producer.publish({}, exchange=exchange, routing_key="lq", serializer="json", headers=headers)
+        first, copy, waiting, other = (channel.basic_get("lq") for _ in range(4))
+        taken = first.headers[TAKEN_HEADER]
+        assert taken["attempt"] == 1 and client.get(lease_key("r1")) == taken["token"]
+        assert client.get(attempt_key("r1")) == "1"
+        assert TAKEN_HEADER not in copy.headers  # the lease is held: the copy takes nothing, forged header gone
+        assert client.get(attempt_key("r1")) == "1"  # and counts no start
+        assert TAKEN_HEADER not in waiting.headers and not client.exists(lease_key("r2"))  # runs later (ETA)
+        assert TAKEN_HEADER not in other.headers and not client.exists(lease_key("r3"))
+        for message in (first, copy, waiting, other):
+            message.ack()
+    finally:
+        conn.release()
