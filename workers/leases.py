@@ -105,8 +105,10 @@ TAKEN_HEADER = "sark_lease"
 def taken_with_messages(settings: Settings) -> bool:
     """True when the broker's consumer takes each invocation's lease with its message: a Redis broker that
     is also the runtime's Redis. Then BEGIN rides in the round trip that records the message as taken,
-    and the task only adopts the lease -- measured with ``bench.bench_http``: a BEGIN of its own before
-    each call took the p50 ratio to the bare-Celery floor from 1.16 to 1.24 and throughput from 0.94 to 0.86.
+    and the task only adopts the lease. Measured with ``bench.bench_http`` (two alternating runs each, ratios
+    to the bare-Celery floor of the same run): without leases p50 1.15-1.16, throughput 0.96-0.99; a BEGIN
+    of its own before each call 1.22-1.26 and 0.83-0.89; the lease taken with the message 1.15-1.18 and
+    0.92-0.96.
     """
     from workers.broker import broker_transport  # (no import cycle at module load)
 
