@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from celery import Task, states
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from workers.app import app
 from workers.authz import authorize
@@ -135,7 +135,7 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     retried = self.request.retries - lease_waits  # re-queues for StoreUnavailable / CircuitOpen
     # `previous` reads the backend in a thread of the loop: with this thread's backend (its client is thread-safe).
     coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
-                   lease=lease, taken_attempt=taken[1] if taken else None,
+                   lease=lease, taken_attempt=taken[1] if taken else None, taken_fresh=bool(taken and taken[2]),
                    previous=functools.partial(_stored_result, self.backend, request_id))
     try:
         result = runtime.run_invocation(request_id, coro, wait)
@@ -147,9 +147,18 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
         # the longest invocation, the holder is not coming back: fail typed.
         if lease_waits >= max_waits(s):
             raise
+        # Re-published by hand, not with self.retry(): a retry stores RETRY for the task id, over the state
+        # of the execution that is running (and could race its SUCCESS). Ignore stores nothing.
         headers = {**(self.request.headers or {}), _LEASE_WAITS_HEADER: lease_waits + 1}
-        raise self.retry(exc=exc, countdown=exc.retry_after + _LEASE_RETRY_MARGIN,
-                         max_retries=retried + max_waits(s), headers=headers, **_shown(invocation)) from None
+        again = self.signature_from_request(self.request, None, None, countdown=exc.retry_after + _LEASE_RETRY_MARGIN,
+                                            retries=self.request.retries + 1, headers=headers, **_shown(invocation))
+        try:
+            again.apply_async()
+        except Exception as publish_error:  # the broker is unreachable: this message goes back instead
+            raise Reject(f"cannot re-publish: {type(publish_error).__name__}", requeue=True) from None
+        log.info("invocation %s runs elsewhere: this delivery waits %.1fs for its lease", request_id,
+                 exc.retry_after + _LEASE_RETRY_MARGIN)
+        raise Ignore() from None
     except Cancelled:
         if runtime.draining:  # interrupted by the worker's shutdown, not by the caller: run it elsewhere
             runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)

@@ -108,3 +108,18 @@ def redis_values(url: str) -> dict[str, bytes]:
         out[key.decode(errors="replace")] = key + b"\n" + b"\n".join(values)
     client.close()
     return out
+
+
+def xfail_if_only_lost_in_brpop(lost_ids: list[str], worker_log: str) -> None:
+    """Mark the test xfail when every invocation that never finished was also never received by a worker.
+
+    Known residual (README, "What is not covered"): kombu's Redis transport takes a message with ``BRPOP``;
+    when Redis shuts down just after serving one, the pop is persisted but its reply never reaches the
+    worker, and the message is in no queue and no unacknowledged record (seen once in about ten restarts
+    under load; the AOF showed the RPOP and nothing else). Any other loss fails the test.
+    """
+    import pytest
+
+    if lost_ids and all(rid not in worker_log for rid in lost_ids):
+        pytest.xfail(f"{len(lost_ids)} message(s) popped by BRPOP as Redis shut down, never delivered "
+                     "(kombu's Redis transport; known residual)")

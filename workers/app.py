@@ -179,12 +179,15 @@ def _join_fleet(**_: Any) -> None:
             except VisibilityTimeoutMismatch as exc:
                 log.error("invalid configuration: %s", exc)
                 raise SystemExit(f"refusing to start: {exc}") from None
-            except redis.ConnectionError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if waited % 10 == 0:
                     log.warning("cannot reach the broker to check the fleet's visibility timeout (%s); retrying",
                                 type(exc).__name__)
                 time.sleep(1.0)
                 waited += 1
+            except Exception as exc:  # e.g. EVAL refused by an ACL: never start unchecked
+                raise SystemExit(f"refusing to start: cannot check the fleet's visibility timeout "
+                                 f"({type(exc).__name__}: {exc})") from None
     finally:
         client.close()
 

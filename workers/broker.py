@@ -9,8 +9,8 @@ connection errors Celery ignores while closing, so the worker stopped with "Unre
 (seen about once in ten Redis restarts under load, ``tests/integration/test_faults.py``).
 
 Here a channel whose transport was detached raises the Redis ``ConnectionError`` instead, which Celery
-ignores while closing, and goes on reconnecting. The messages it could not put back stay in Redis's
-unacked index and are restored by the visibility-timeout sweep, as after any lost connection.
+ignores while closing, and goes on reconnecting. The messages it could not put back stay recorded as
+this process's, held by no live channel: its own sweep puts them back within seconds (:meth:`Channel.sweep`).
 
 A second gap of the same transport is closed too: a message is taken off its queue (``BRPOP``) and
 *then* recorded as unacknowledged; when the connection drops between the two, kombu loses it (it is in
@@ -59,7 +59,7 @@ TRANSPORT = "workers.broker:Transport"
 log = logging.getLogger("sark.broker")
 
 #: Messages taken off a queue whose unacked record could not be written, per broker (as_uri()).
-_orphans: dict[str, deque[tuple[Any, str, str]]] = {}
+_orphans: dict[str, deque[tuple[Any, str, str, str]]] = {}
 _orphans_lock = threading.Lock()
 
 
@@ -102,7 +102,7 @@ class QoS(kombu_redis.QoS):
             if key is not None:
                 with _orphans_lock:
                     _orphans.setdefault(key, deque()).append(
-                        (message._raw, delivery["exchange"], delivery["routing_key"]))
+                        (message._raw, delivery["exchange"], delivery["routing_key"], str(delivery_tag)))
                 log.warning("broker connection lost while taking message %s: it goes back to its queue on "
                             "reconnection", delivery_tag, extra={"event": "broker.orphan"})
             raise
@@ -144,24 +144,44 @@ class Channel(kombu_redis.Channel):
         return super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
 
     def _requeue_orphans(self) -> int:
-        """Push messages lost between ``BRPOP`` and their unacked record back onto their queues."""
+        """Push messages lost between ``BRPOP`` and their unacked record back onto their queues, once.
+
+        The connection may also have dropped after Redis ran the recording pipeline, its reply lost: then
+        the message is recorded as taken and is put back from that record, which goes with it (one
+        transaction per message, watching the unacked hash), never pushed a second time by a sweep.
+        """
         key = _broker_key(self)
         if key is None or not _orphans.get(key):
             return 0
         with _orphans_lock:
             pending = _orphans.pop(key, deque())
+        qos = self.qos
+        mine = owned_key(consumer_id())
+        count = len(pending)
         try:
-            with self.conn_or_acquire() as client, client.pipeline() as pipe:
-                for raw, exchange, routing_key in pending:
-                    self._do_restore_message(raw, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
-                pipe.execute()
+            with self.conn_or_acquire() as client:
+                while pending:
+                    raw, exchange, routing_key, tag = pending[0]
+
+                    def requeue(pipe: Any, raw: Any = raw, exchange: str = exchange, routing_key: str = routing_key,
+                                tag: str = tag) -> None:
+                        record = pipe.hget(qos.unacked_key, tag)
+                        pipe.multi()
+                        if record:
+                            pipe.zrem(qos.unacked_index_key, tag)
+                            pipe.hdel(qos.unacked_key, tag)
+                            pipe.srem(mine, tag)
+                        self._do_restore_message(raw, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
+
+                    client.transaction(requeue, qos.unacked_key)
+                    pending.popleft()
         except self.connection_errors:
-            with _orphans_lock:  # still unreachable: keep them for the next try
+            with _orphans_lock:  # still unreachable: keep the rest for the next try
                 _orphans.setdefault(key, deque()).extendleft(reversed(pending))
             raise
-        log.warning("requeued %d message(s) taken off the broker as its connection was lost", len(pending),
+        log.warning("requeued %d message(s) taken off the broker as its connection was lost", count,
                     extra={"event": "broker.orphans_requeued"})
-        return len(pending)
+        return count
 
     def heartbeat(self) -> Heartbeat:
         """This process's heartbeat on this broker (started, with a first beat, on first call)."""
@@ -178,8 +198,9 @@ class Channel(kombu_redis.Channel):
         # Its own connections (the thread must not share the event loop's), short timeouts: a heartbeat
         # blocked on a dead socket would make a live worker look dead.
         params = dict(self._connparams())
-        params["socket_timeout"] = min(float(params.get("socket_timeout") or 5.0), 5.0)
-        params["socket_connect_timeout"] = min(float(params.get("socket_connect_timeout") or 2.0), 2.0)
+        interval = float(self.connection.client.transport_options.get("sark_heartbeat_interval", 2.0))
+        params["socket_timeout"] = min(float(params.get("socket_timeout") or 5.0), 5.0, interval)
+        params["socket_connect_timeout"] = min(float(params.get("socket_connect_timeout") or 2.0), 2.0, interval)
         params.pop("max_connections", None)
         return redis.Redis(connection_pool=redis.ConnectionPool(**params))
 
@@ -187,13 +208,15 @@ class Channel(kombu_redis.Channel):
         """Recover messages nobody holds: this process's own whose channel is gone (a lost connection
         that could not put them back), then those of dead consumers. Claims them, restores a batch;
         more batches follow on the event loop until none is left."""
+        if self.closed:  # a continuation scheduled before a reconnection: the new channel sweeps
+            return
         beat = self.heartbeat()
         if not beat.may_sweep():
             return
         me = consumer_id()
         with self.conn_or_acquire() as client:
             stranded = claim_stranded(client, me, self._held_tags())
-            dead = claim_dead(client, me)
+            dead = claim_dead(client, me, beat.config.timeout)
             if dead:
                 log.warning("consumer(s) %s stopped beating: their messages go back to their queues",
                             ", ".join(dead), extra={"event": "recovery.dead", "dead": dead})
@@ -210,6 +233,9 @@ class Channel(kombu_redis.Channel):
     def _held_tags(self) -> set[str]:
         """Delivery tags this process's live channels hold (taken, not acknowledged)."""
         held: set[str] = set()
+        key = _broker_key(self)
+        with _orphans_lock:  # taken as the connection dropped: _requeue_orphans puts them back
+            held.update(orphan[3] for orphan in _orphans.get(key or "", ()))
         for channel in list(self.connection.cycle._channels):
             held.update(str(tag) for tag in list(channel.qos._delivered))
         return held

@@ -113,6 +113,7 @@ async def execute(
     request_id: str,
     lease: str,
     taken_attempt: int | None = None,
+    taken_fresh: bool = False,
     previous: StoredResult | None = None,
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
@@ -144,11 +145,11 @@ async def execute(
         scope.enter_context(call_secrets(clear_header))
         try:
             # Nothing observable happens before the lease is ours (no stream, no token opened).
-            if taken_attempt:  # the broker's consumer took it with the message (workers.leases.TAKEN_HEADER)
+            if taken_attempt and taken_fresh:  # the consumer took it with the message (leases.TAKEN_HEADER)
                 runtime.leases.adopt(request_id, lease)
                 attempt = taken_attempt
             else:
-                attempt = await runtime.leases.acquire(request_id, lease)
+                attempt = await runtime.leases.acquire(request_id, lease, taken_attempt)
             if attempt > 1:
                 stored = await _stored_result(request_id, attempt, previous)
                 if stored is not None:

@@ -10,10 +10,14 @@ lease lapses within ``heartbeat_timeout`` and the next copy takes it.
 
 Taking the lease also counts the start in ``keys.attempt_key(request_id)``: ``attempt`` is 1 for the
 first start and counts every start after it (redeliveries and Celery retries alike), whatever the
-message's ``redelivered`` flag says. Two Lua scripts, idempotent for their holder (a command re-sent after
-a lost reply does the same thing again):
+message's ``redelivered`` flag says. Where the broker's consumer takes the lease with the message
+(:func:`taken_with_messages`), a message taken but never started (the worker lost its broker connection
+or died first) counts too, and its copy waits up to ``heartbeat_timeout`` for that lease to lapse.
+Three Lua scripts, idempotent for their holder (a command re-sent after a lost reply does the same thing
+again):
 
     BEGIN  take one lease unless another holder has it, and count the start
+    RESUME take back a lease taken with the message, counting no second start
     SYNC   renew leases of this process (taking back one that lapsed: Redis restarted), release others
 
 The releases ride along: a finished invocation's lease is deleted by the process's next BEGIN, or by a
@@ -71,6 +75,26 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {attempt, 0}
 """
 
+# Take back a lease taken with the message (workers.broker) whose header is too old to adopt blindly.
+# KEYS[1]: the lease, KEYS[2]: its attempt counter. ARGV[1]: holder, ARGV[2]: ttl ms, ARGV[3]: attempt ttl s,
+# ARGV[4]: the attempt counted when it was taken. Held by its holder still, or lapsed with no start counted
+# since: that attempt; lapsed and started elsewhere since: a new start; held by another: {0, ms left}.
+_RESUME = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  local left = redis.call('PTTL', KEYS[1])
+  if left < 0 then left = tonumber(ARGV[2]) end
+  return {0, math.max(1, left)}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if holder or tonumber(redis.call('GET', KEYS[2]) or '0') == tonumber(ARGV[4]) then
+  return {tonumber(ARGV[4]), 0}
+end
+local attempt = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return {attempt, 0}
+"""
+
 # KEYS[i]: a lease, ARGV[2 + i]: its holder here. The first ARGV[2] leases are renewed for ARGV[1] ms, the
 # others released. → {positions held by another holder, positions that had lapsed and were taken back}.
 _SYNC = """
@@ -115,17 +139,17 @@ def taken_with_messages(settings: Settings) -> bool:
     return broker_transport(settings.broker_url) is not None and settings.broker_url == settings.redis_url
 
 
-def taken_lease(value: object, *, ttl: float, interval: float) -> tuple[str, int] | None:
-    """``(token, attempt)`` of a lease taken with the message (:data:`TAKEN_HEADER`) that is still safe to
-    adopt without a round trip: taken less than ``ttl - interval`` seconds ago (it is renewed within
-    ``interval`` of its adoption). None otherwise: the task takes the lease itself (BEGIN, which is a
-    no-op renewal for the same token)."""
+def taken_lease(value: object, *, ttl: float, interval: float) -> tuple[str, int, bool] | None:
+    """``(token, attempt, fresh)`` of a lease taken with the message (:data:`TAKEN_HEADER`); None if there is
+    none. ``fresh``: taken less than ``ttl - interval`` seconds ago, so it is still held and can be adopted
+    without a round trip (it is renewed within ``interval`` of its adoption); an older one (the message
+    waited for a thread) is taken back with :meth:`LeaseKeeper.acquire`'s ``taken_attempt``."""
     if not isinstance(value, dict):
         return None
     token, attempt, at = value.get("token"), value.get("attempt"), value.get("at")
     if not (isinstance(token, str) and isinstance(attempt, int) and attempt > 0 and isinstance(at, (int, float))):
         return None
-    return (token, attempt) if 0.0 <= time.time() - float(at) < ttl - interval else None
+    return token, attempt, 0.0 <= time.time() - float(at) < ttl - interval
 
 
 #: Seconds a lease is still renewed past the longest invocation: the task's own margin on waiting for it,
@@ -183,6 +207,7 @@ class LeaseKeeper:
         self._holder = holder or f"{socket.gethostname()}:{os.getpid()}"
         self._begin = client.register_script(_BEGIN)
         self._sync = client.register_script(_SYNC)
+        self._resume = client.register_script(_RESUME)
         self._held: dict[str, _Held] = {}
         #: (request id, token) given up by task threads, not yet sent (a deque: appended from any thread).
         self._pending: collections.deque[tuple[str, str]] = collections.deque()
@@ -204,7 +229,7 @@ class LeaseKeeper:
         """The leases this process holds (given up ones until they are sent): request id → token."""
         return {request_id: held.token for request_id, held in self._held.items()}
 
-    async def acquire(self, request_id: str, token: str) -> int:
+    async def acquire(self, request_id: str, token: str, taken_attempt: int | None = None) -> int:
         """Take the lease of ``request_id`` for ``token``; returns the invocation's ``attempt`` (1, 2, …).
 
         Leases given up with :meth:`release_soon` are deleted in the same round trip.
@@ -214,11 +239,14 @@ class LeaseKeeper:
             StoreUnavailable: Redis cannot be reached (``reached_target`` false).
         """
         # Not while a renewal is in flight: it could take back a lease deleted here (see _flush).
-        releases = self._take_pending() if self._renewing is None else []
+        releases = self._take_pending() if self._renewing is None and taken_attempt is None else []
         keys = [lease_key(request_id), attempt_key(request_id), *(lease_key(rid) for rid, _ in releases)]
         args: list[str | int] = [token, self._ttl_ms, ATTEMPT_TTL, *(tok for _, tok in releases)]
         try:
-            attempt, left_ms = await self._begin(keys=keys, args=args)
+            if taken_attempt is None:
+                attempt, left_ms = await self._begin(keys=keys, args=args)
+            else:  # the consumer took it with the message: take it back, counting no second start
+                attempt, left_ms = await self._resume(keys=keys, args=[*args, taken_attempt])
         except (RedisError, OSError) as exc:  # OSError: a reset connection, re-raised after the client's retries
             raise StoreUnavailable(f"cannot take the lease of invocation {request_id}: {type(exc).__name__}: {exc}",
                                    {"what": "lease", "reached_target": False}) from None

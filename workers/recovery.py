@@ -14,10 +14,12 @@ dramatiq's Redis broker, every consuming worker process (a *consumer*)
   back to the front of its queue, marked redelivered, in one transaction that also removes its unacked
   record and its claim (kombu's own restore, so routing and priorities are kombu's).
 
-Nothing is lost or doubled if a sweeper dies mid-sweep: a claimed message is in exactly one place at
-every moment (the unacked hash plus one owned or recovering set, or its queue), and a dead sweeper's
-recovering set is claimed like its owned set. A message restored by kombu's visibility-timeout sweep
-at the same time is pushed once: both restores watch the unacked hash.
+Nothing is lost or doubled if a sweeper dies mid-sweep: a claimed message is either recorded (the
+unacked hash, plus one recovering set) or back in its queue, and a dead sweeper's recovering set is
+claimed like its owned set. A tag may linger in a set after its message left by another way (a
+visibility-timeout restore elsewhere, an ack): restoring it finds no unacked record and pushes nothing.
+A message restored by kombu's visibility-timeout sweep at the same time is pushed once: both restores
+watch the unacked hash.
 
 A sweeper claims nothing until its own heartbeats have succeeded for ``heartbeat_timeout`` in a row:
 after a Redis outage every worker's heartbeat looks stale, and live workers get that long to beat again.
@@ -70,7 +72,9 @@ return now
 """
 
 #: Claim the messages of dead consumers. KEYS consumers, heartbeats, recovering set of the sweeper;
-#: ARGV sweeper id, owned-set prefix, recovering-set prefix. Returns the dead consumers' ids.
+#: ARGV sweeper id, owned-set prefix, recovering-set prefix, grace (ms). Returns the dead consumers' ids.
+#: A consumer with no heartbeat at all (it took a message just before its first beat, or just after a
+#: sweeper forgot it) is given ``grace`` to beat, not claimed at once.
 #: (The owned/recovering sets of the dead are named in the script: fine on one Redis, not on a Cluster,
 #: like kombu's own keys.)
 CLAIM = """
@@ -80,7 +84,9 @@ local dead = {}
 for _, c in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if c ~= ARGV[1] then
     local deadline = redis.call('ZSCORE', KEYS[2], c)
-    if (not deadline) or tonumber(deadline) < now then
+    if not deadline then
+      redis.call('ZADD', KEYS[2], 'NX', now + tonumber(ARGV[4]), c)
+    elseif tonumber(deadline) < now then
       for _, src in ipairs({ARGV[2] .. c, ARGV[3] .. c}) do
         if redis.call('EXISTS', src) == 1 then
           redis.call('SUNIONSTORE', KEYS[3], KEYS[3], src)
@@ -274,10 +280,13 @@ def heartbeat(broker: str, make_client: Any, options: dict[str, Any]) -> Heartbe
         return found
 
 
-def claim_dead(client: redis.Redis, sweeper: str) -> list[str]:
-    """Move the messages of every dead consumer into ``sweeper``'s recovering set; their ids."""
+def claim_dead(client: redis.Redis, sweeper: str, grace: float = 8.0) -> list[str]:
+    """Move the messages of every dead consumer into ``sweeper``'s recovering set; their ids.
+
+    ``grace``: seconds a consumer found with no heartbeat at all gets to beat before it is presumed dead.
+    """
     dead = client.eval(CLAIM, 3, consumers_key(), heartbeats_key(), recovering_key(sweeper), sweeper,
-                       _OWNED_PREFIX, _RECOVERING_PREFIX)
+                       _OWNED_PREFIX, _RECOVERING_PREFIX, str(int(grace * 1000)))
     return [d.decode() if isinstance(d, bytes) else str(d) for d in dead or []]
 
 

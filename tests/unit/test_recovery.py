@@ -47,9 +47,14 @@ def test_a_dead_consumers_messages_are_claimed_once_and_live_ones_are_left(clien
 
     dead = claim_dead(client, "sweeper")
 
-    assert sorted(dead) == ["dead", "silent"]
+    assert sorted(dead) == ["dead"]
+    assert _members(client, recovering_key("sweeper")) == {"t1", "t2", "t3"}
+    assert not client.exists(owned_key("dead"), recovering_key("dead"))
+    # "silent" never beat: it gets a heartbeat timeout's grace (it may have been just starting) ...
+    assert _members(client, owned_key("silent")) == {"t4"} and client.zscore(heartbeats_key(), "silent")
+    client.zadd(heartbeats_key(), {"silent": 1})  # ... and is claimed once that has passed in silence
+    assert claim_dead(client, "sweeper") == ["silent"]
     assert _members(client, recovering_key("sweeper")) == {"t1", "t2", "t3", "t4"}
-    assert not client.exists(owned_key("dead"), recovering_key("dead"), owned_key("silent"))
     assert _members(client, owned_key("live")) == {"t5"}
     assert _members(client, owned_key("sweeper")) == {"t6"}  # its own stay its own, even if its beat is late
     assert _members(client, consumers_key()) == {"live", "sweeper"}
@@ -180,3 +185,23 @@ def test_the_consumer_takes_an_invocations_lease_with_its_message(redis_url: str
             message.ack()
     finally:
         conn.release()
+
+
+def test_a_message_whose_recording_reply_was_lost_goes_back_once(channel: Any, client: redis.Redis) -> None:
+    """The connection dropped after Redis ran the pipeline recording a taken message: kept as an orphan
+    and recorded as taken, it is put back once (not again by its consumer's stranded sweep)."""
+    from workers import broker
+
+    message = channel.basic_get("rq")  # recorded as taken and owned
+    channel.qos._delivered.pop(message.delivery_tag)  # ... but the channel never got the reply
+    key = broker._broker_key(channel)
+    assert key is not None
+    delivery = message.delivery_info
+    broker._orphans.setdefault(key, broker.deque()).append(
+        (message._raw, delivery["exchange"], delivery["routing_key"], message.delivery_tag))
+    me = consumer_id()
+    assert message.delivery_tag in channel._held_tags()  # no sweep claims an orphan
+    assert channel._requeue_orphans() == 1
+    assert claim_stranded(client, me, channel._held_tags()) == 0
+    assert client.hlen("unacked") == 0 and _members(client, owned_key(me)) == set()
+    assert client.llen("rq") == 3  # back once, beside the two never taken
