@@ -67,14 +67,16 @@ def send_invoke(
     arguments: dict[str, Any] | None = None,
     *,
     token: str | None = None,
+    queue: str | None = None,
     **fields: Any,
 ) -> AsyncResult:
-    """Enqueue ``sark.invoke`` by name, exactly as an app without this project would."""
+    """Enqueue ``sark.invoke`` by name, exactly as an app without this project would (``queue``: instead
+    of the app's routing)."""
     invocation: dict[str, Any] = {"server": server, "tool": tool, "arguments": arguments or {}, **fields}
     task_id = str(uuid.uuid4())
     return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation},
                          headers=token_headers(token, task_id, invocation=invocation), argsrepr="()",
-                         kwargsrepr=invocation_repr(invocation))
+                         kwargsrepr=invocation_repr(invocation), **({"queue": queue} if queue else {}))
 
 
 def invoke(app: Celery, server: str, tool: str, arguments: dict[str, Any] | None = None, *,

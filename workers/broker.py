@@ -156,7 +156,6 @@ class Channel(kombu_redis.Channel):
         with _orphans_lock:
             pending = _orphans.pop(key, deque())
         qos = self.qos
-        mine = owned_key(consumer_id())
         count = len(pending)
         try:
             with self.conn_or_acquire() as client:
@@ -167,10 +166,8 @@ class Channel(kombu_redis.Channel):
                                 tag: str = tag) -> None:
                         record = pipe.hget(qos.unacked_key, tag)
                         pipe.multi()
-                        if record:
-                            pipe.zrem(qos.unacked_index_key, tag)
-                            pipe.hdel(qos.unacked_key, tag)
-                            pipe.srem(mine, tag)
+                        if record:  # (and its ownership: QoS._remove_from_indices)
+                            qos._remove_from_indices(tag, pipe)
                         self._do_restore_message(raw, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
 
                     client.transaction(requeue, qos.unacked_key)

@@ -287,7 +287,7 @@ def claim_dead(client: redis.Redis, sweeper: str, grace: float = 8.0) -> list[st
     """
     dead = client.eval(CLAIM, 3, consumers_key(), heartbeats_key(), recovering_key(sweeper), sweeper,
                        _OWNED_PREFIX, _RECOVERING_PREFIX, str(int(grace * 1000)))
-    return [d.decode() if isinstance(d, bytes) else str(d) for d in dead or []]
+    return [_text(d) for d in dead or []]
 
 
 def claim_stranded(client: redis.Redis, consumer: str, held: set[str]) -> int:
@@ -303,7 +303,7 @@ def claim_stranded(client: redis.Redis, consumer: str, held: set[str]) -> int:
     recovering = recovering_key(consumer)
     claimed = 0
     for raw in client.smembers(owned) or []:
-        tag = raw.decode() if isinstance(raw, bytes) else str(raw)
+        tag = _text(raw)
         if tag not in held:
             claimed += int(client.smove(owned, recovering, tag))
     return claimed
@@ -320,15 +320,14 @@ def restore_claimed(channel: Any, client: redis.Redis, sweeper: str, limit: int)
     restored = 0
     qos = channel.qos
     for raw_tag in client.srandmember(key, limit) or []:
-        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+        tag = _text(raw_tag)
 
         pushed = [False]
 
         def restore(pipe: Any, tag: str = tag, pushed: list[bool] = pushed) -> None:
             payload = pipe.hget(qos.unacked_key, tag)  # (called again if the unacked hash changed meanwhile)
             pipe.multi()
-            pipe.zrem(qos.unacked_index_key, tag)
-            pipe.hdel(qos.unacked_key, tag)
+            qos._remove_from_indices(tag, pipe)
             pipe.srem(key, tag)
             if payload:
                 message, exchange, routing_key = loads(payload)  # type: ignore[no-untyped-call]

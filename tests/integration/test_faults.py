@@ -19,7 +19,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import GatewayControl
-from tests.helpers import settings_with, token_headers, xfail_if_only_lost_in_brpop
+from tests.helpers import send_invoke, settings_with, token_headers, xfail_if_only_lost_in_brpop
 from workers.client import wait_result
 from workers.contract import TASK_INVOKE
 from workers.devstack import DevStack, Proc, start_redis, wait_for
@@ -191,8 +191,10 @@ def test_first_streamed_invocations_after_a_redis_restart_succeed(
     worker = stack.worker(f"restart-{how[:4]}", env=env, queues=f"{queue}.sse,{queue}.stdio", concurrency=4)
 
     def streamed() -> list[int]:
-        sent = [_send_streamed(app, f"{queue}.sse", user_token, "echo-stream", "stream_data", {"count": 3}),
-                _send_streamed(app, f"{queue}.stdio", None, "fixture", "progress", {"steps": 3, "delay": 0.01})]
+        sent = [send_invoke(app, "echo-stream", "stream_data", {"count": 3}, token=user_token, queue=f"{queue}.sse",
+                            stream=True),
+                send_invoke(app, "fixture", "progress", {"steps": 3, "delay": 0.01}, queue=f"{queue}.stdio",
+                            stream=True)]
         counts = []
         for pending in sent:
             result = wait_result(pending, 60)
@@ -218,14 +220,6 @@ def test_first_streamed_invocations_after_a_redis_restart_succeed(
         app.close()
 
 
-def _send_streamed(app: Celery, queue: str, token: str | None, server: str, tool: str,
-                   arguments: dict[str, Any]) -> AsyncResult:
-    task_id = str(uuid.uuid4())
-    invocation = {"server": server, "tool": tool, "arguments": arguments, "stream": True}
-    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
-                         headers=token_headers(token, task_id))
-
-
 def test_streamed_invocation_waits_for_its_redis_instead_of_failing(
     stack: DevStack, private_redis: Proc, user_token: str, queue: str
 ) -> None:
@@ -239,7 +233,8 @@ def test_streamed_invocation_waits_for_its_redis_instead_of_failing(
     restarted: Proc | None = None
     try:
         private_redis.stop(sig=signal.SIGKILL)
-        pending = _send_streamed(app, queue, user_token, "echo-stream", "stream_data", {"count": 3})
+        pending = send_invoke(app, "echo-stream", "stream_data", {"count": 3}, token=user_token, queue=queue,
+                              stream=True)
         time.sleep(3)  # the worker meets the dead Redis and puts the invocation back (retry)
         restarted = start_redis(stack.log_dir, port=port, appendonly=True, data_dir=stack.log_dir / f"redis-{port}")
         result = wait_result(pending, 60)

@@ -21,9 +21,8 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import GatewayControl
-from tests.helpers import settings_with, token_headers, xfail_if_only_lost_in_brpop
+from tests.helpers import send_invoke, settings_with, xfail_if_only_lost_in_brpop
 from workers.client import wait_result
-from workers.contract import TASK_INVOKE
 from workers.devstack import DevStack, Proc, wait_for
 from workers.errors import SarkError
 
@@ -90,13 +89,7 @@ def _app(env: dict[str, str]) -> Celery:
 
 
 def _send_sleeps(app: Celery, queue: str, token: str, count: int) -> list[AsyncResult]:
-    pendings = []
-    for _ in range(count):
-        task_id = str(uuid.uuid4())
-        invocation = {"server": "echo", "tool": "sleep", "arguments": {"seconds": SECONDS}}
-        pendings.append(app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
-                                      headers=token_headers(token, task_id)))
-    return pendings
+    return [send_invoke(app, "echo", "sleep", {"seconds": SECONDS}, token=token, queue=queue) for _ in range(count)]
 
 
 @pytest.fixture()
@@ -111,15 +104,15 @@ def _kill(proc: Proc) -> float:
     return killed
 
 
-def test_sigkill_one_of_two_workers_with_100_in_flight(
-    stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
-) -> None:
-    env = {"SARK_QUEUE_HTTP": queue}
+def _kill_one_of_two(stack: DevStack, gateway_control: GatewayControl, token: str, env: dict[str, str],
+                     what: str) -> FaultRow:
+    """Two workers on ``env['SARK_QUEUE_HTTP']``, 100 invocations in flight, one worker SIGKILLed: the row."""
+    queue = env["SARK_QUEUE_HTTP"]
     app = _app(env)
     half = INVOCATIONS // 2
-    workers = [stack.worker(f"pair-{i}", env=env, queues=queue, concurrency=half) for i in range(2)]
-    pendings = _send_sleeps(app, queue, user_token, INVOCATIONS)
-    row = FaultRow("Redis: SIGKILL 1 of 2 workers", sent=len(pendings))
+    workers = [stack.worker(f"{what[:5].lower()}-{i}", env=env, queues=queue, concurrency=half) for i in range(2)]
+    pendings = _send_sleeps(app, queue, token, INVOCATIONS)
+    row = FaultRow(f"{what}: SIGKILL 1 of 2 workers", sent=len(pendings))
     try:
         wait_for(lambda: gateway_control.stats()["in_flight"] >= INVOCATIONS * 0.9, 30, "invocations in flight")
         killed = _kill(workers[0])
@@ -131,8 +124,15 @@ def test_sigkill_one_of_two_workers_with_100_in_flight(
     assert row.lost == 0 and row.typed_errors == 0, row.errors[:5]
     assert row.completed == row.sent
     assert row.concurrent == 0
-    assert row.re_executed >= 1  # the killed worker's invocations ran again, after it died
     assert row.recovered_in <= 15.0
+    return row
+
+
+def test_sigkill_one_of_two_workers_with_100_in_flight(
+    stack: DevStack, user_token: str, gateway_control: GatewayControl, queue: str
+) -> None:
+    row = _kill_one_of_two(stack, gateway_control, user_token, {"SARK_QUEUE_HTTP": queue}, "Redis")
+    assert row.re_executed >= 1  # the killed worker's invocations ran again, after it died
 
 
 def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(
@@ -208,25 +208,8 @@ def test_sigkill_one_of_two_workers_on_rabbitmq(
 ) -> None:
     """RabbitMQ gives a dead consumer's messages back at once; the invocation leases keep the copies
     from running while the dead worker's attempt could still be running."""
-    queue = rabbitmq_queue
-    env = {"SARK_QUEUE_HTTP": queue, "SARK_BROKER_URL": RABBITMQ_URL}
-    app = _app(env)
-    half = INVOCATIONS // 2
-    workers = [stack.worker(f"rabbit-{i}", env=env, queues=queue, concurrency=half) for i in range(2)]
-    pendings = _send_sleeps(app, queue, user_token, INVOCATIONS)
-    row = FaultRow("RabbitMQ: SIGKILL 1 of 2 workers", sent=len(pendings))
-    try:
-        wait_for(lambda: gateway_control.stats()["in_flight"] >= INVOCATIONS * 0.9, 30, "invocations in flight")
-        killed = _kill(workers[0])
-        row.collect(pendings, killed)
-    finally:
-        workers[1].stop()
-        app.close()
-    row.count_calls(gateway_control.stats()["spans"], {p.id for p in pendings}).print()
-    assert row.lost == 0 and row.typed_errors == 0, row.errors[:5]
-    assert row.completed == row.sent
-    assert row.concurrent == 0
-    assert row.recovered_in <= 15.0
+    _kill_one_of_two(stack, gateway_control, user_token,
+                     {"SARK_QUEUE_HTTP": rabbitmq_queue, "SARK_BROKER_URL": RABBITMQ_URL}, "RabbitMQ")
 
 
 @pytest.fixture()
@@ -236,14 +219,6 @@ def private_redis(stack: DevStack) -> Iterator[Proc]:
     proc = start_redis(stack.log_dir, appendonly=True)
     yield proc
     proc.stop()
-
-
-def _send(app: Celery, queue: str, token: str | None, server: str, tool: str, arguments: dict[str, object],
-          stream: bool = False) -> AsyncResult:
-    task_id = str(uuid.uuid4())
-    invocation = {"server": server, "tool": tool, "arguments": arguments, "stream": stream}
-    return app.send_task(TASK_INVOKE, task_id=task_id, kwargs={"invocation": invocation}, queue=queue,
-                         headers=token_headers(token, task_id))
 
 
 @pytest.mark.parametrize("how", ["graceful", "kill -9"])
@@ -260,10 +235,11 @@ def test_redis_restart_under_mixed_load(
            "SARK_QUEUE_SSE": queues["sse"], "SARK_QUEUE_STDIO": queues["stdio"]}
     app = _app(env)
     worker = stack.worker(f"mixed-{how[:4]}", env=env, queues=",".join(queues.values()), concurrency=30)
-    plain = [_send(app, queues["http"], user_token, "echo", "sleep", {"seconds": 0.5}) for _ in range(40)]
-    sse = [_send(app, queues["sse"], user_token, "echo-stream", "stream_data", {"count": 20, "interval": 0.05},
-                 stream=True) for _ in range(10)]
-    stdio = [_send(app, queues["stdio"], None, "fixture", "progress", {"steps": 5, "delay": 0.2}, stream=True)
+    plain = [send_invoke(app, "echo", "sleep", {"seconds": 0.5}, token=user_token, queue=queues["http"])
+             for _ in range(40)]
+    sse = [send_invoke(app, "echo-stream", "stream_data", {"count": 20, "interval": 0.05}, token=user_token,
+                       queue=queues["sse"], stream=True) for _ in range(10)]
+    stdio = [send_invoke(app, "fixture", "progress", {"steps": 5, "delay": 0.2}, queue=queues["stdio"], stream=True)
              for _ in range(10)]
     pendings = plain + sse + stdio
     row = FaultRow(f"Redis restart ({how}, AOF) under mixed load", sent=len(pendings))
