@@ -117,8 +117,8 @@ def xfail_if_only_lost_in_brpop(lost_ids: list[str], worker_log: str) -> None:
 
     Known residual (README, "What is not covered"): kombu's Redis transport takes a message with ``BRPOP``;
     when Redis shuts down just after serving one, the pop is persisted but its reply never reaches the
-    worker, and the message is in no queue and no unacknowledged record (seen once in about ten restarts
-    under load; the AOF showed the RPOP and nothing else). Any other loss fails the test.
+    worker, and the message is in no queue and no unacknowledged record (seen in 2 of about 8 runs of the
+    150-task restart test; the AOF showed the RPOP and nothing else). Any other loss fails the test.
     """
     import pytest
 
