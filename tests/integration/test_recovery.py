@@ -21,7 +21,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tests.conftest import GatewayControl
-from tests.helpers import send_invoke, settings_with, xfail_if_only_lost_in_brpop
+from tests.helpers import popped_and_never_recorded, send_invoke, settings_with, xfail_if_only_lost_in_transit
 from workers.client import wait_result
 from workers.devstack import DevStack, Proc, wait_for
 from workers.errors import SarkError
@@ -161,13 +161,21 @@ def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(
         survivor = next(p for p in sweepers if p is not sweeper)
         row.collect(pendings, killed, patience=PATIENCE + 30)
         print(f"\nsweeper {sweeper.popen.pid} killed with {left} message(s) still to put back")
+        port = int(private_redis.url.rsplit(":", 1)[1].split("/")[0])
+        verdicts = popped_and_never_recorded(private_redis.url, stack.log_dir / f"redis-{port}",
+                                             [p.id for p in pendings if not p.ready()])
     finally:
         (survivor or sweepers[1]).stop()
         app.close()
     row.count_calls(gateway_control.stats()["spans"], {p.id for p in pendings}).print()
-    assert row.lost == 0 and row.typed_errors == 0, row.errors[:5]
-    assert row.completed == row.sent
+    assert row.typed_errors == 0, row.errors[:5]
     assert row.concurrent == 0
+    assert row.completed + row.lost == row.sent
+    if row.lost:
+        # The kill lands just after the claim, as the first messages put back are on their way to the
+        # sweeper's own BRPOP: the in-transit residual is likeliest here (about 1 run in 3).
+        xfail_if_only_lost_in_transit(verdicts)
+    assert row.lost == 0
 
 
 def _sweeper_at_work(conn: redis.Redis, by_pid: dict[int, Proc], timeout: float) -> tuple[Proc, str]:
@@ -251,6 +259,7 @@ def test_redis_restart_under_mixed_load(
         restarted = start_redis(stack.log_dir, port=port, appendonly=True, data_dir=stack.log_dir / f"redis-{port}")
         row.collect(pendings, down)
         unfinished = [p.id for p in pendings if not p.ready()]
+        verdicts = popped_and_never_recorded(url, stack.log_dir / f"redis-{port}", unfinished)
         assert worker.alive()
     finally:
         worker.stop()
@@ -259,7 +268,7 @@ def test_redis_restart_under_mixed_load(
         app.close()
     row.count_calls(gateway_control.stats()["spans"], {p.id for p in plain}).print()
     if row.lost and not row.typed_errors:
-        xfail_if_only_lost_in_brpop(unfinished, worker.log())
+        xfail_if_only_lost_in_transit(verdicts)
     assert row.lost == 0 and row.typed_errors == 0, row.errors[:5]
     assert row.completed == row.sent
     assert row.concurrent == 0
@@ -276,3 +285,24 @@ def test_a_worker_with_another_visibility_timeout_than_the_fleet_refuses_to_star
         stack.worker("odd-one", env={"SARK_VISIBILITY_TIMEOUT": "3000"}, queues=queue)
     assert "refusing to start" in str(refused.value) and "3600s for the fleet" in str(refused.value)
     assert "sark fleet --set-visibility-timeout" in str(refused.value)
+
+
+def test_the_aof_proof_tells_a_message_lost_in_transit_from_one_recorded(stack: DevStack, private_redis: Proc) -> None:
+    """The proof behind ``xfail_if_only_lost_in_transit``, on a real Redis: popped and recorded nowhere is
+    "in transit"; recorded as unacknowledged, or still queued, is not."""
+    conn = redis.Redis.from_url(private_redis.url)
+    ids = {name: str(uuid.uuid4()) for name in ("in_transit", "unacked", "queued")}
+    for rid in ids.values():
+        conn.lpush("proof.queue", f'{{"headers": {{"id": "{rid}"}}}}')
+    conn.rpop("proof.queue")  # in_transit: popped, its reply "lost"
+    taken = conn.rpop("proof.queue")  # unacked: popped and recorded, as QoS.append does
+    conn.hset("unacked", "tag", b"[" + bytes(taken or b"") + b', "", "proof.queue"]')
+    conn.close()
+    port = int(private_redis.url.rsplit(":", 1)[1].split("/")[0])
+
+    def verdicts() -> dict[str, str]:
+        return popped_and_never_recorded(private_redis.url, stack.log_dir / f"redis-{port}", list(ids.values()))
+
+    wait_for(lambda: verdicts()[ids["unacked"]].startswith("last: HSET"), 5, "the AOF (appendfsync everysec)")
+    assert verdicts()[ids["in_transit"]] == "in transit"
+    assert verdicts()[ids["queued"]].startswith("last: LPUSH")
