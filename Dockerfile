@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY workers ./workers
 COPY tasks ./tasks
 COPY config ./config
+COPY devkit ./devkit
 RUN pip install ".[servers]" && useradd --create-home --uid 10001 sark
 USER sark
 CMD ["sark", "worker"]

@@ -21,7 +21,7 @@ from bench.common import (
     table,
     throughput,
 )
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from config.settings import Settings
+    from devkit.gateway import make_token
     from workers.app import create_app
-    from workers.gateway import make_token
 
     with DevStack() as stack:
         stack.start()

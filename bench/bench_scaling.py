@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import ratio, save, send_invocation, throughput
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 
 
 def rss_mb(proc: Proc) -> float:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from config.settings import Settings
+    from devkit.gateway import make_token
     from workers.app import create_app
-    from workers.gateway import make_token
 
     out: dict[str, float] = {}
     with DevStack() as stack:

@@ -25,11 +25,11 @@ from bench.common import percentiles, save, send_invocation
 async def _in_process(redis_url: str, n: int) -> dict[str, dict[str, float]]:
     from config.registry import GatewayServer, Registry
     from config.settings import Settings
-    from workers.breaker import BreakerBoard
-    from workers.devstack import DEFAULT_JWT_SECRET
+    from devkit.gateway import make_token
+    from devkit.stack import DEFAULT_JWT_SECRET
+    from workers.breaker.board import BreakerBoard
     from workers.errors import ToolError
-    from workers.gateway import make_token
-    from workers.gateway_client import GatewayClient
+    from workers.gateway.client import GatewayClient
     from workers.models import parse_invocation
     from workers.transports.base import Call
     from workers.transports.http import HttpTransport
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from config.settings import Settings
+    from devkit.gateway import make_token
+    from devkit.stack import DEFAULT_JWT_SECRET, DevStack
     from workers.app import create_app
-    from workers.devstack import DEFAULT_JWT_SECRET, DevStack
-    from workers.gateway import make_token
 
     with DevStack() as stack:
         stack.start()

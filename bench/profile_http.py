@@ -22,7 +22,7 @@ from pathlib import Path
 from celery.result import AsyncResult
 
 from bench.common import RESULTS, send_invocation, throughput
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
     from config.settings import Settings
+    from devkit.gateway import make_token
     from workers.app import create_app
-    from workers.gateway import make_token
 
     # SARK_* settings given to this command reach the sark worker (for A/B runs of one setting).
     with DevStack(extra_env={k: v for k, v in os.environ.items() if k.startswith("SARK_")}) as stack:

@@ -1,7 +1,7 @@
 """stdio transport through the queue: cold start vs warm calls, beside their floors, in one run.
 
 ``python -m bench.stdio_bench [--n 300] [--cold 5]``: starts Redis, a sark worker (sark.stdio queue)
-and a bare-Celery worker (:mod:`bench.bare_app`) with :mod:`workers.devstack`, then measures
+and a bare-Celery worker (:mod:`bench.bare_app`) with :mod:`devkit.stack`, then measures
 
 * cold start: the first ``sark.invoke`` of ``mcp-server-time`` on a fresh server entry (process
   start + launcher + MCP handshake + tools/list + the call), ``--cold`` times on distinct entries,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.common import interleaved, percentiles, round_trip, save, table, timed
 from bench.direct_mcp import ARGUMENTS, DirectSession
-from workers.devstack import DevStack
+from devkit.stack import DevStack
 
 
 def _registry(path: Path, cold: int) -> Path:

@@ -1,6 +1,6 @@
 """Streamed chunk latency and rate, beside raw Redis XADD → XREAD measured in the same run.
 
-Starts real parts with :mod:`workers.devstack` (redis-server, reference Gateway, one worker) and
+Starts real parts with :mod:`devkit.stack` (redis-server, reference Gateway, one worker) and
 measures:
 
 * raw Redis: one XADD at a time (paced) read by ``XREAD BLOCK`` in another thread: latency; then
@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from bench.common import percentiles, save, table
-from workers.devstack import DEFAULT_JWT_SECRET, DevStack
+from devkit.stack import DEFAULT_JWT_SECRET, DevStack
 
 REGISTRY = Path(__file__).resolve().parents[1] / "tests" / "servers.yaml"
 
@@ -91,7 +91,7 @@ def raw_rate(url: str, n: int) -> float:
 
 def sark_stream(client: Any, token: str, redis_url: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """One streamed invocation; per-chunk emit→read latency and the rates."""
-    from workers import stream_client
+    from workers.streams import reader as stream_client
 
     sent = time.perf_counter()
     handle = client.invoke("echo-stream", "stream_data", {**arguments, "stamp": True}, token=token, stream=True)
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.start()
         stack.apply_env()
         stack.worker("bench", concurrency=4)
+        from devkit.gateway import make_token
         from workers.client import SarkClient
-        from workers.gateway import make_token
 
         assert stack.redis is not None
         url = stack.redis.url

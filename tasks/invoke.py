@@ -14,7 +14,7 @@ from celery.exceptions import Ignore, Reject
 
 from workers.app import app
 from workers.authz import authorize
-from workers.breaker import breaker_command
+from workers.breaker.board import breaker_command
 from workers.contract import (
     OPERATOR_HEADER,
     TASK_BREAKERS,

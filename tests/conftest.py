@@ -15,7 +15,7 @@ import httpx
 import pytest
 from celery import Celery
 
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def celery_client(stack: DevStack) -> Iterator[Celery]:
 @pytest.fixture(scope="session")
 def user_token() -> str:
     """A valid user JWT (team ``users``)."""
-    from workers.gateway import make_token
+    from devkit.gateway import make_token
 
     return make_token(DEFAULT_JWT_SECRET, sub="alice", teams=["users"])
 
@@ -61,7 +61,7 @@ def user_token() -> str:
 @pytest.fixture(scope="session")
 def admin_token() -> str:
     """A valid user JWT in the ``admins`` team."""
-    from workers.gateway import make_token
+    from devkit.gateway import make_token
 
     return make_token(DEFAULT_JWT_SECRET, sub="root", teams=["admins"])
 

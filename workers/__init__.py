@@ -84,8 +84,8 @@ _LAZY = {
     "AsyncSarkClient": "workers.client",
     "InvocationHandle": "workers.client",
     "SarkClient": "workers.client",
-    "stream": "workers.stream_client",
-    "astream": "workers.stream_client",
+    "stream": "workers.streams.reader",
+    "astream": "workers.streams.reader",
     "Chunk": "workers.models",
     "GatewayServerInfo": "workers.models",
     "GatewayToolInfo": "workers.models",
@@ -96,7 +96,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from workers.client import AsyncSarkClient, InvocationHandle, SarkClient
     from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, Invocation, InvocationResult
-    from workers.stream_client import astream, stream
+    from workers.streams.reader import astream, stream
 
 def __getattr__(name: str) -> Any:
     # Clients and models are imported on first use so `import workers.errors` stays light.

@@ -172,8 +172,8 @@ def _stream_task(client: Any, task_id: str, *, deadline: float, after: str | Non
     import redis
     from celery.result import AsyncResult
 
-    from workers import stream_client
     from workers.errors import ProtocolError
+    from workers.streams import reader as stream_client
 
     conn = redis.Redis.from_url(client.settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10)
     watch = _TaskWatch(AsyncResult(task_id, app=client.app), conn, unknown_at)
@@ -251,8 +251,8 @@ def cmd_tools(args: argparse.Namespace) -> int:
 
 
 def cmd_breakers(args: argparse.Namespace) -> int:
-    """Show or reset circuit breakers (delegates to ``workers.breaker_cli``)."""
-    from workers import breaker_cli
+    """Show or reset circuit breakers (delegates to ``workers.breaker.cli``)."""
+    from workers.breaker import cli as breaker_cli
 
     code: int = breaker_cli.main(args.rest)
     return code
@@ -312,14 +312,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo (starts its own Redis, Gateway and worker)."""
-    from workers.demo import main as demo_main
+    from devkit.demo import main as demo_main
 
     return demo_main()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     """Serve the reference Gateway."""
-    from workers.gateway.__main__ import main as gateway_main
+    from devkit.gateway.__main__ import main as gateway_main
 
     gateway_main(["--host", args.host, "--port", str(args.port)])
     return 0

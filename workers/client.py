@@ -122,7 +122,7 @@ class InvocationHandle:
                 (the task's state is checked while no chunk arrives, so a failed task never leaves the
                 reader waiting); :class:`ProtocolError` when it finished without a stream.
         """
-        from workers import stream_client
+        from workers.streams import reader as stream_client
 
         try:
             yield from stream_client.stream(self.id, redis_url=self._client.settings.redis_url, after=after,
@@ -248,7 +248,7 @@ class AsyncSarkClient:
 
     async def stream(self, handle: InvocationHandle, *, after: str | None = None) -> AsyncIterator[Chunk]:
         """Chunks of ``handle``'s stream, read with the async Redis client."""
-        from workers import stream_client
+        from workers.streams import reader as stream_client
 
         async def finished() -> bool:
             return await asyncio.to_thread(handle._pending.ready)

@@ -35,7 +35,7 @@ from workers.models import (
 )
 from workers.runtime import Runtime
 from workers.scrub import call_secrets, scrub_error
-from workers.streams import StreamPublisher
+from workers.streams.publisher import StreamPublisher
 from workers.tokens import ENCRYPTED_PREFIX, check_not_expired, open_token
 from workers.transports.base import Call, ToolOutcome
 

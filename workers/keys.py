@@ -50,7 +50,7 @@ def breaker_index_key() -> str:
 
 def breaker_channel() -> str:
     """Pub/sub channel: the breaker scripts publish a breaker's key on every change of its state,
-    failure count or generation (no storage; see :mod:`workers.breaker_watch`)."""
+    failure count or generation (no storage; see :mod:`workers.breaker.watch`)."""
     return f"{PREFIX}:breaker-changes"
 
 

@@ -22,10 +22,10 @@ import redis.asyncio as aioredis
 from config.registry import Registry, load_registry
 from config.settings import Settings, get_settings
 from workers.authz import TokenVerifier
-from workers.breaker import BreakerBoard
+from workers.breaker.board import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
 from workers.errors import Cancelled, InvalidInvocation
-from workers.gateway_client import GatewayClient
+from workers.gateway.client import GatewayClient
 from workers.leases import LeaseKeeper, max_hold, taken_with_messages
 from workers.loop import EventLoopThread, LoopClosed
 from workers.models import TransportName

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from devkit.gateway import make_token
+from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc
 from tests.helpers import invoke, redis_values, settings_with, token_headers
 from workers.contract import TASK_GET_SERVER, TASK_INVOKE, TASK_LIST_TOOLS, TOKEN_HEADER
-from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc
 from workers.errors import (
     InvalidInvocation,
     InvalidToken,
@@ -25,7 +26,6 @@ from workers.errors import (
     ToolError,
     UnknownServer,
 )
-from workers.gateway import make_token
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -18,10 +18,10 @@ import pytest
 import redis
 from celery import Celery
 
+from devkit.stack import DevStack, Proc, start_gateway, wait_for
 from tests.conftest import GatewayControl
 from tests.helpers import operator_headers, token_headers
 from workers.contract import TASK_BREAKERS, TASK_INVOKE
-from workers.devstack import DevStack, Proc, start_gateway, wait_for
 from workers.errors import AuthorizationDenied, CircuitOpen, InvalidInvocation, ToolError
 from workers.keys import breaker_key
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from devkit.gateway import make_token
+from devkit.stack import DEFAULT_JWT_SECRET, DevStack
 from tests.helpers import token_headers
-from workers.devstack import DEFAULT_JWT_SECRET, DevStack
-from workers.gateway import make_token
 from workers.tokens import generate_key
 
 pytestmark = pytest.mark.usefixtures("worker")

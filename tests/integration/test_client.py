@@ -8,8 +8,8 @@ import time
 import pytest
 
 from config.settings import Settings
+from devkit.stack import DevStack, Proc
 from workers import AsyncSarkClient, AuthorizationDenied, Cancelled, InvocationResult, SarkClient
-from workers.devstack import DevStack, Proc
 
 pytestmark = pytest.mark.usefixtures("worker")
 

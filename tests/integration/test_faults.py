@@ -18,6 +18,7 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 
+from devkit.stack import DevStack, Proc, start_redis, wait_for
 from tests.conftest import GatewayControl
 from tests.helpers import (
     popped_and_never_recorded,
@@ -28,7 +29,6 @@ from tests.helpers import (
 )
 from workers.client import wait_result
 from workers.contract import TASK_INVOKE
-from workers.devstack import DevStack, Proc, start_redis, wait_for
 from workers.errors import InvocationTimeout, SarkError
 
 # Short, consistent timeouts and a registry with only Gateway servers. (The visibility timeout stays the
@@ -187,7 +187,7 @@ def test_first_streamed_invocations_after_a_redis_restart_succeed(
     stack: DevStack, private_redis: Proc, user_token: str, queue: str, how: str
 ) -> None:
     """Every Redis client of the worker reconnects: the first streamed call after a restart succeeds."""
-    from workers import stream_client
+    from workers.streams import reader as stream_client
 
     url = private_redis.url
     port = int(url.rsplit(":", 1)[1].split("/")[0])

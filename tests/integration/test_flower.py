@@ -19,9 +19,9 @@ import httpx
 import pytest
 from celery import Celery
 
+from devkit.stack import DevStack, Proc, _spawn, free_port, wait_for
 from tests.helpers import send_invoke, token_headers
 from workers.contract import TASK_INVOKE
-from workers.devstack import DevStack, Proc, _spawn, free_port, wait_for
 from workers.errors import AuthorizationDenied
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -87,8 +87,8 @@ def _everything_flower_shows(flower: str, task_id: str) -> str:
 
 def test_flower_shows_invocations_without_tokens(flower: str, celery_client: Celery) -> None:
     secret = "eyJhbGciOiJIUzI1NiJ9.flower-canary-token.c2lnbmF0dXJl"
-    from workers.devstack import DEFAULT_JWT_SECRET
-    from workers.gateway import make_token
+    from devkit.gateway import make_token
+    from devkit.stack import DEFAULT_JWT_SECRET
 
     token = make_token(DEFAULT_JWT_SECRET, sub="flower-canary")
     pendings = [send_invoke(celery_client, "echo", "add", {"a": i, "b": 1}, token=token) for i in range(3)]

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from celery import Celery
 
+from devkit.gateway import make_token
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 from tests.conftest import GatewayControl
 from tests.helpers import invoke, send_invoke, settings_with
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 from workers.errors import (
     AuthorizationDenied,
     InvalidInvocation,
@@ -20,7 +21,6 @@ from workers.errors import (
     ToolError,
     UnknownServer,
 )
-from workers.gateway import make_token
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -276,7 +276,7 @@ def test_worker_restarted_between_invocations(stack: DevStack, user_token: str) 
 
 
 def test_gateway_down_gives_typed_error(stack: DevStack, user_token: str) -> None:
-    from workers.devstack import free_port
+    from devkit.stack import free_port
     from workers.errors import GatewayUnavailable
 
     dead = f"http://127.0.0.1:{free_port()}"
@@ -295,7 +295,7 @@ def test_gateway_down_gives_typed_error(stack: DevStack, user_token: str) -> Non
 
 
 def test_path_prefix(stack: DevStack, user_token: str) -> None:
-    from workers.devstack import start_gateway
+    from devkit.stack import start_gateway
 
     gateway = start_gateway(stack.log_dir, stack.base_env(), prefix="/api/v1")
     env = {"SARK_QUEUE_HTTP": "sark.http.prefix", "SARK_GATEWAY_URL": gateway.url,

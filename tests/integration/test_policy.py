@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from celery import Celery
 
+from devkit.gateway import make_token
+from devkit.stack import DEFAULT_JWT_SECRET
 from tests.helpers import invoke
-from workers.devstack import DEFAULT_JWT_SECRET
 from workers.errors import AuthorizationDenied, TokenExpired
-from workers.gateway import make_token
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -20,10 +20,10 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from devkit.stack import DevStack, Proc, wait_for
 from tests.conftest import GatewayControl
 from tests.helpers import popped_and_never_recorded, send_invoke, settings_with, xfail_if_only_lost_in_transit
 from workers.client import wait_result
-from workers.devstack import DevStack, Proc, wait_for
 from workers.errors import SarkError
 
 #: Invocations in flight when the worker dies, and how long each one runs.
@@ -222,7 +222,7 @@ def test_sigkill_one_of_two_workers_on_rabbitmq(
 
 @pytest.fixture()
 def private_redis(stack: DevStack) -> Iterator[Proc]:
-    from workers.devstack import start_redis
+    from devkit.stack import start_redis
 
     proc = start_redis(stack.log_dir, appendonly=True)
     yield proc
@@ -234,7 +234,7 @@ def test_redis_restart_under_mixed_load(
     stack: DevStack, private_redis: Proc, user_token: str, gateway_control: GatewayControl, queue: str, how: str
 ) -> None:
     """Plain, streamed SSE and stdio-progress invocations running while Redis (AOF on) restarts: all done."""
-    from workers.devstack import start_redis
+    from devkit.stack import start_redis
 
     url = private_redis.url
     port = int(url.rsplit(":", 1)[1].split("/")[0])
@@ -279,7 +279,7 @@ def test_a_worker_with_another_visibility_timeout_than_the_fleet_refuses_to_star
     stack: DevStack, worker: Proc, queue: str
 ) -> None:
     """The session worker set the fleet's (3600 s) on the session Redis; a worker with 3000 s is refused."""
-    from workers.devstack import ProcessExited
+    from devkit.stack import ProcessExited
 
     with pytest.raises(ProcessExited) as refused:
         stack.worker("odd-one", env={"SARK_VISIBILITY_TIMEOUT": "3000"}, queues=queue)

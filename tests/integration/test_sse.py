@@ -10,14 +10,14 @@ import pytest
 import redis
 from celery import Celery
 
+from devkit.stack import DevStack
 from tests.conftest import GatewayControl
 from tests.helpers import send_invoke, token_headers
-from workers import stream_client
-from workers.devstack import DevStack
 from workers.errors import PayloadTooLarge, ProtocolError, ToolError, UnknownServer
 from workers.keys import stream_key
 from workers.models import Chunk
-from workers.streams import StreamEntry
+from workers.streams import reader as stream_client
+from workers.streams.publisher import StreamEntry
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -190,7 +190,7 @@ def test_worker_killed_mid_stream_redelivery_publishes_nothing_twice(
     import signal
     from pathlib import Path
 
-    from workers.devstack import wait_for
+    from devkit.stack import wait_for
 
     registry = str(Path(__file__).with_name("faults-servers.yaml"))
     env = {"SARK_MAX_INVOKE_TIMEOUT": "2", "SARK_INVOKE_TIMEOUT": "2", "SARK_REGISTRY_PATH": registry}

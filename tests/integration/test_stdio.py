@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from devkit.stack import DevStack, Proc, wait_for
 from tests.helpers import invoke, send_invoke
-from workers import stream_client
-from workers.devstack import DevStack, Proc, wait_for
 from workers.errors import InvocationTimeout, PayloadTooLarge, ProtocolError, ServerCrashed, ToolError
 from workers.models import Chunk
+from workers.streams import reader as stream_client
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from devkit.stack import DevStack, Proc
 from tests.helpers import invoke, settings_with
 from tests.isolation import FIXTURE, NOBODY, nobody_python
-from workers.devstack import DevStack, Proc
 from workers.errors import ServerCrashed
 
 QUEUE = "sark.stdio-iso"

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from devkit.stack import wait_for
 from tests.helpers import send_invoke, token_headers
-from workers import stream_client
 from workers.client import SarkClient
-from workers.devstack import wait_for
 from workers.errors import Cancelled, InvalidInvocation, InvocationTimeout, ProtocolError
 from workers.models import Chunk
-from workers.streams import entry_id
+from workers.streams import reader as stream_client
+from workers.streams.publisher import entry_id
 
 pytestmark = pytest.mark.usefixtures("worker")
 

@@ -23,11 +23,11 @@ import jwt
 import pytest
 from celery import Celery
 
+from devkit.gateway import make_token
+from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc, _spawn, free_port, start_redis, wait_for
 from tests.helpers import redis_values, settings_with, token_headers
 from workers.contract import TASK_INVOKE, TOKEN_HEADER
-from workers.devstack import DEFAULT_JWT_SECRET, DevStack, Proc, _spawn, free_port, start_redis, wait_for
 from workers.errors import SarkError
-from workers.gateway import make_token
 
 MARK = "CANARYtok7f3a"  # in every non-JWT canary token sent sealed
 CLEAR_MARK = "CLEARtok9b2c"  # in every non-JWT canary token an app sends in clear

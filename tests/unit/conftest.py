@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from workers.devstack import Proc, start_redis
+from devkit.stack import Proc, start_redis
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from config.settings import Settings
+from devkit.stack import free_port
 from tests.helpers import http_server
-from workers.asyncio_backend import AsyncioBackend, asyncio_pool, transport_on
-from workers.devstack import free_port
 from workers.errors import GatewayUnavailable, InvocationTimeout
-from workers.gateway_client import GatewayClient
+from workers.gateway.backend import AsyncioBackend, asyncio_pool, transport_on
+from workers.gateway.client import GatewayClient
 
 
 class _Echo(BaseHTTPRequestHandler):

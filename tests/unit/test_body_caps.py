@@ -20,12 +20,12 @@ from httpx_sse._decoders import SSELineDecoder
 
 from config.registry import GatewayServer
 from config.settings import Settings
+from devkit.stack import wait_for
 from tests.helpers import http_server
-from workers.asyncio_backend import asyncio_pool
-from workers.devstack import wait_for
 from workers.errors import PayloadTooLarge, ProtocolError, ToolError
-from workers.gateway_client import GatewayClient
-from workers.json_post import ERROR_BODY_BYTES, JsonPost
+from workers.gateway.backend import asyncio_pool
+from workers.gateway.client import GatewayClient
+from workers.gateway.post import ERROR_BODY_BYTES, JsonPost
 from workers.models import Invocation
 from workers.transports.base import Call
 from workers.transports.sse import EVENT_OVERHEAD, SseTransport, bounded_lines

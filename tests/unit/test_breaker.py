@@ -15,10 +15,10 @@ import redis
 import redis.asyncio as aioredis
 
 from config.registry import BreakerOverrides, GatewayServer, Registry, StdioServer
-from workers.breaker import BreakerBoard, breaker_command, target_of
-from workers.breaker_store import Decision, LocalStore, RedisStore
-from workers.breaker_watch import BreakerWatch
-from workers.devstack import start_redis
+from devkit.stack import start_redis
+from workers.breaker.board import BreakerBoard, breaker_command, target_of
+from workers.breaker.store import Decision, LocalStore, RedisStore
+from workers.breaker.watch import BreakerWatch
 from workers.errors import AuthorizationDenied, CircuitOpen, GatewayUnavailable, InvalidInvocation, ToolError
 from workers.keys import breaker_key
 
@@ -171,7 +171,7 @@ def test_operator_list_and_reset(redis_url: str) -> None:
 def test_cli_list_and_reset(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str]) -> None:
     from config.settings import get_settings
-    from workers import breaker_cli
+    from workers.breaker import cli as breaker_cli
 
     registry = tmp_path / "servers.yaml"
     registry.write_text("servers:\n  flaky:\n    transport: http\n    breaker: {fail_max: 3, reset_timeout: 30}\n")

@@ -13,8 +13,8 @@ import redis
 import redis.asyncio as aioredis
 
 from tests.unit.test_breaker import TARGET, board_for, fail_503, ok, run
-from workers.breaker import BreakerBoard
-from workers.breaker_watch import BreakerWatch
+from workers.breaker.board import BreakerBoard
+from workers.breaker.watch import BreakerWatch
 from workers.errors import CircuitOpen, ToolError
 from workers.keys import breaker_channel, breaker_key
 

@@ -10,9 +10,9 @@ import redis
 from kombu import Connection
 from kombu.common import ignore_errors
 
+from devkit.stack import start_redis
 from tests.helpers import settings_with
 from workers.broker import TRANSPORT, broker_transport
-from workers.devstack import start_redis
 
 
 def _collected_connection_with_an_unacked_message(url: str, transport: str | None) -> Connection:

@@ -12,7 +12,7 @@ import pytest
 
 from config.settings import Settings
 from tests.helpers import http_server
-from workers.gateway_client import GatewayClient
+from workers.gateway.client import GatewayClient
 
 
 class _CookieGateway(BaseHTTPRequestHandler):

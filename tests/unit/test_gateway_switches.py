@@ -1,4 +1,4 @@
-"""The reference Gateway's secrets and test-only switches, on real ``python -m workers.gateway`` processes.
+"""The reference Gateway's secrets and test-only switches, on real ``python -m devkit.gateway`` processes.
 
 Off by default: ``/_control/*`` (404), header recording (the API key and bearer tokens never kept),
 running without an API key. No built-in JWT secret: without one it refuses to start.
@@ -18,9 +18,9 @@ import httpx
 import pytest
 import yaml
 
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, Proc, free_port, start_gateway, wait_for
-from workers.gateway import GatewayConfig, make_token
-from workers.gateway.app import DEFAULT_GATEWAY_CONFIG
+from devkit.gateway import GatewayConfig, make_token
+from devkit.gateway.app import DEFAULT_GATEWAY_CONFIG
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, Proc, free_port, start_gateway, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_ONLY_FLAGS = {"--enable-control", "--record-headers", "--insecure-no-api-key"}
@@ -38,7 +38,7 @@ SECRETS = {"SARK_GATEWAY_API_KEY": DEFAULT_API_KEY, "SARK_GATEWAY_JWT_SECRET": D
 
 def _refusal(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
     """Run the Gateway expecting it to exit at once (a Gateway that serves instead times out)."""
-    argv = [sys.executable, "-m", "workers.gateway", "--port", str(free_port()), *flags]
+    argv = [sys.executable, "-m", "devkit.gateway", "--port", str(free_port()), *flags]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=20, cwd=ROOT)
 
 
@@ -88,9 +88,9 @@ def test_header_recording_needs_the_control_api() -> None:
 
 @contextlib.contextmanager
 def _serving(tmp_path: Path, env: dict[str, str], *flags: str) -> Iterator[Proc]:
-    """``python -m workers.gateway`` with ``flags``, once it answers ``/health``; stopped afterwards."""
+    """``python -m devkit.gateway`` with ``flags``, once it answers ``/health``; stopped afterwards."""
     port = free_port()
-    argv = [sys.executable, "-m", "workers.gateway", "--port", str(port), *flags]
+    argv = [sys.executable, "-m", "devkit.gateway", "--port", str(port), *flags]
     log = (tmp_path / "gw.log").open("wb")
     popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     log.close()

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from tests.helpers import http_server
-from workers.asyncio_backend import asyncio_pool
 from workers.errors import GatewayUnavailable, PayloadTooLarge, ProtocolError
-from workers.json_post import JsonPost
+from workers.gateway.backend import asyncio_pool
+from workers.gateway.post import JsonPost
 
 
 class _Gateway(BaseHTTPRequestHandler):

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from config.settings import Settings
+from devkit.stack import DevStack, Proc, free_port, wait_for
 from tests.conftest import GatewayControl
 from tests.helpers import token_headers
 from workers.contract import TASK_INVOKE
-from workers.devstack import DevStack, Proc, free_port, wait_for
 from workers.errors import AlreadyRunning, StoreUnavailable
 from workers.keys import attempt_key, lease_key
 from workers.leases import LeaseKeeper, max_hold, max_waits

@@ -12,7 +12,7 @@ from celery.backends.base import Backend
 from config.settings import Settings
 from tests.helpers import http_server
 from workers.errors import InvalidToken, SarkError, ToolError
-from workers.gateway_client import GatewayClient
+from workers.gateway.client import GatewayClient
 from workers.scrub import REDACTED, call_secrets, register_secret, scrub, scrub_error
 
 API_KEY = "gw-api-key-canary-5f1e2d"

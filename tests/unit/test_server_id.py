@@ -15,10 +15,10 @@ from pydantic import ValidationError
 
 from config.registry import GatewayServer, RegistryError, load_registry
 from config.settings import Settings
+from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, Proc, start_gateway
 from tests.helpers import http_server
-from workers.devstack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, Proc, start_gateway
 from workers.errors import InvalidInvocation
-from workers.gateway_client import GatewayClient, server_path
+from workers.gateway.client import GatewayClient, server_path
 from workers.models import GatewayServerInfo
 
 TRAVERSAL = "../_control/stats"

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from workers.errors import PayloadTooLarge
 from workers.keys import stream_key
 from workers.models import Chunk
-from workers.streams import StreamPublisher
+from workers.streams.publisher import StreamPublisher
 
 #: 3 bytes per character in UTF-8: a chunk of 48 characters and 128 bytes as stored.
 DATA = {"s": "€" * 40}

@@ -12,12 +12,12 @@ import redis
 import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent
 
-from workers import stream_client
-from workers.devstack import DevStack
+from devkit.stack import DevStack
 from workers.errors import AuthorizationDenied, Cancelled, PayloadTooLarge, ProtocolError, ToolError
 from workers.keys import stream_key
 from workers.models import Chunk
-from workers.streams import StreamPublisher, entry_id, seq_of_entry_id
+from workers.streams import reader as stream_client
+from workers.streams.publisher import StreamPublisher, entry_id, seq_of_entry_id
 from workers.transports.sse import _error_event, _StreamState
 
 
@@ -145,7 +145,7 @@ def test_resume_dedup_state() -> None:
 
 
 def test_redis_failure_is_a_typed_error() -> None:
-    from workers.devstack import free_port
+    from devkit.stack import free_port
     from workers.errors import SarkError
 
     async def run() -> None:

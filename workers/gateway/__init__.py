@@ -1,5 +1,2 @@
-"""The reference Gateway (an ASGI app implementing the Gateway REST contract)."""
-
-from workers.gateway.app import GatewayConfig, GatewayConfigError, create_gateway, load_gateway_config, make_token
-
-__all__ = ["GatewayConfig", "GatewayConfigError", "create_gateway", "load_gateway_config", "make_token"]
+"""The Gateway REST client (:mod:`.client`), its hot-path JSON POST (:mod:`.post`) and the asyncio network
+backend under its connection pool (:mod:`.backend`)."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from config.registry import GatewayServer, StdioServer
 from workers.errors import InvalidInvocation
-from workers.gateway_client import GatewayClient
+from workers.gateway.client import GatewayClient
 from workers.models import GatewayToolInfo, TransportName
 from workers.transports.base import Call, ToolOutcome
 

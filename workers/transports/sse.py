@@ -1,6 +1,6 @@
 """SSE transport: ``POST /invoke`` with ``"stream": true``, read as Server-Sent Events (httpx-sse).
 
-Runs on the shared pooled client of :class:`~workers.gateway_client.GatewayClient`. Each data event
+Runs on the shared pooled client of :class:`~workers.gateway.client.GatewayClient`. Each data event
 becomes a :class:`~workers.models.Chunk` handed to ``call.sink``; ``event: done`` ends the call with
 its JSON object as the result; ``event: error`` ends it with a typed error. A connection dropped
 after the stream started (or a stream that ends without ``done``) is resumed with ``Last-Event-ID``
@@ -45,8 +45,8 @@ from workers.errors import (
     ProtocolError,
     ToolError,
 )
-from workers.gateway_client import GatewayClient
-from workers.json_post import ERROR_BODY_BYTES, decoded, read_head, read_limited
+from workers.gateway.client import GatewayClient
+from workers.gateway.post import ERROR_BODY_BYTES, decoded, read_head, read_limited
 from workers.models import Chunk, GatewayToolInfo, TransportName, json_size
 from workers.transports.base import Call, ToolOutcome
 from workers.transports.http import gateway_server, outcome_from_gateway

@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from workers.gateway.tools import BUILTIN_TOOLS, STREAM_TOOLS, ToolFailure, text_result
+from devkit.gateway.tools import BUILTIN_TOOLS, STREAM_TOOLS, ToolFailure, text_result
 
 __all__ = ["sse_response"]
 

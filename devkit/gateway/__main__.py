@@ -1,4 +1,4 @@
-"""Run the reference Gateway: ``python -m workers.gateway --port 8080``.
+"""Run the reference Gateway: ``python -m devkit.gateway --port 8080``.
 
 Secrets come from the environment (``SARK_GATEWAY_API_KEY``, ``SARK_GATEWAY_JWT_SECRET``), a file
 (``--jwt-secret-file``) or the config file, never from a flag's value: argv is readable by every
@@ -16,12 +16,12 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from workers.gateway.app import DEFAULT_GATEWAY_CONFIG, GatewayConfigError, create_gateway, load_gateway_config
+from devkit.gateway.app import DEFAULT_GATEWAY_CONFIG, GatewayConfigError, create_gateway, load_gateway_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m workers.gateway`` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m workers.gateway", description=__doc__,
+    """The ``python -m devkit.gateway`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m devkit.gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)

@@ -1,6 +1,6 @@
 """Follow an invocation's chunks from any process: :func:`stream` (sync) and :func:`astream` (async).
 
-Readers need only Redis: they read the invocation's Redis Stream (format in :mod:`workers.streams`)
+Readers need only Redis: they read the invocation's Redis Stream (format in :mod:`workers.streams.publisher`)
 from the beginning or from a position, block for new entries, and stop at the terminal entry. A
 reader that attaches late gets everything from its position; one that reconnects passes the last
 ``seq`` it saw + 1 as ``from_seq`` (or the entry id as ``after``) and gets each chunk once::
@@ -20,7 +20,7 @@ telling whether the task is over, e.g. from its state in the result backend) end
     pending = app.AsyncResult(task_id)
     for chunk in stream(task_id, timeout=60, finished=pending.ready):
         ...
-:func:`follow` / :func:`afollow` yield every :class:`~workers.streams.StreamEntry`, terminal included,
+:func:`follow` / :func:`afollow` yield every :class:`~workers.streams.publisher.StreamEntry`, terminal included,
 and raise nothing for a failed invocation.
 """
 
@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from workers.errors import InvalidInvocation, InvocationTimeout, ProtocolError, error_from_dict
 from workers.keys import stream_key
 from workers.models import Chunk
-from workers.streams import StreamEntry, decode_entry, entry_id, seq_of_entry_id
+from workers.streams.publisher import StreamEntry, decode_entry, entry_id, seq_of_entry_id
 
 __all__ = ["DEFAULT_CHECK_EVERY", "DEFAULT_IDLE_TIMEOUT", "afollow", "astream", "follow", "stream"]
 

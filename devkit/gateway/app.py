@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from workers.gateway.sse import sse_response
-from workers.gateway.tools import BUILTIN_TOOLS, STREAM_TOOLS, ToolFailure, text_result
+from devkit.gateway.sse import sse_response
+from devkit.gateway.tools import BUILTIN_TOOLS, STREAM_TOOLS, ToolFailure, text_result
 
 __all__ = ["GatewayConfig", "GatewayConfigError", "create_gateway", "load_gateway_config", "make_token"]
 

@@ -1,4 +1,4 @@
-"""Operators' view of the circuit breakers: ``python -m workers.breaker_cli list | reset TARGET | reset --all``.
+"""Operators' view of the circuit breakers: ``python -m workers.breaker.cli list | reset TARGET | reset --all``.
 
 Talks to Redis directly (``SARK_REDIS_URL``, registry from ``SARK_REGISTRY_PATH``): no worker is
 needed. The main ``sark`` CLI mounts it with :func:`add_arguments` and :func:`run`.
@@ -15,7 +15,7 @@ from typing import Any
 
 from config.registry import load_registry
 from config.settings import get_settings
-from workers.breaker import BreakerBoard, breaker_command
+from workers.breaker.board import BreakerBoard, breaker_command
 from workers.errors import SarkError
 
 __all__ = ["add_arguments", "main", "run"]
@@ -76,7 +76,7 @@ def _cell(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m workers.breaker_cli [--json] list|reset …``."""
+    """Entry point: ``python -m workers.breaker.cli [--json] list|reset …``."""
     parser = argparse.ArgumentParser(prog="sark breakers", description="See and reset circuit breakers.")
     add_arguments(parser)
     return run(parser.parse_args(argv))

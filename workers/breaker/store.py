@@ -16,7 +16,7 @@ One Redis hash per target (:func:`workers.keys.breaker_key`) holds::
 Every timestamp comes from Redis ``TIME`` inside the scripts, never from a worker's clock. Every
 change of ``state``, ``failures`` or ``gen`` is published (the hash's key) on
 :func:`workers.keys.breaker_channel` by the script that makes it, so that processes remembering a
-closed breaker (:mod:`workers.breaker_watch`) forget it at once.
+closed breaker (:mod:`workers.breaker.watch`) forget it at once.
 """
 
 from __future__ import annotations

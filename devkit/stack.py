@@ -175,14 +175,14 @@ def start_gateway(
     control: bool = True,
     record_headers: bool = False,
 ) -> Proc:
-    """The reference Gateway (``python -m workers.gateway``) on 127.0.0.1.
+    """The reference Gateway (``python -m devkit.gateway``) on 127.0.0.1.
 
     ``control`` serves ``/_control/*`` (tests, demo and benches drive failures and read counters);
     ``record_headers`` also keeps request headers, tokens included: tests that check them ask for it.
     Both are test-only switches, off in the Gateway itself: only these flags turn them on.
     """
     port = port or free_port()
-    argv = [sys.executable, "-m", "workers.gateway", "--port", str(port)]
+    argv = [sys.executable, "-m", "devkit.gateway", "--port", str(port)]
     if prefix:
         argv += ["--prefix", prefix]
     if control:

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from workers.devstack import DEFAULT_JWT_SECRET, DevStack
+from devkit.stack import DEFAULT_JWT_SECRET, DevStack
 
 __all__ = ["main"]
 
@@ -23,9 +23,9 @@ def _show(title: str, data: Any) -> None:
 def main() -> int:
     """Run the demo; 0 when every step gave the expected outcome."""
     from config.settings import Settings
+    from devkit.gateway import make_token
     from workers.client import SarkClient
     from workers.errors import AuthorizationDenied, SarkError, UnknownServer
-    from workers.gateway import make_token
 
     failures = 0
     with DevStack() as stack:

@@ -24,13 +24,13 @@ Errors the caller brought on itself (``caller_caused``: a timeout shorter than t
 that server ran out) count as nothing at all, so no caller can open a breaker for everyone.
 
 **Cost.** A closed breaker with no failures costs no round trip at all while this process's change
-feed is live (:mod:`workers.breaker_watch`: every change is published by the script that makes it,
+feed is live (:mod:`workers.breaker.watch`: every change is published by the script that makes it,
 so the process forgets a remembered "closed" as soon as any worker records a failure). Otherwise
 one ``EVALSHA`` before the call; one after it, skipped when a closed breaker with no failures sees a
 success. No lock is held around the call itself.
 
 **Fallback.** When Redis cannot be reached the board logs it once and uses a per-process breaker
-(:class:`~workers.breaker_store.LocalStore`) for every target; it tries Redis again every
+(:class:`~workers.breaker.store.LocalStore`) for every target; it tries Redis again every
 ``breaker_store_recheck`` seconds and logs when it is back. Local state is then dropped: Redis is
 the truth.
 """
@@ -49,8 +49,8 @@ from redis.exceptions import RedisError
 
 from config.registry import BreakerOverrides, GatewayServer, Registry, StdioServer
 from config.settings import Settings
-from workers.breaker_store import BreakerStore, Decision, LocalStore, Outcome, RedisStore, State, Transition
-from workers.breaker_watch import BreakerWatch
+from workers.breaker.store import BreakerStore, Decision, LocalStore, Outcome, RedisStore, State, Transition
+from workers.breaker.watch import BreakerWatch
 from workers.errors import CircuitOpen, InvalidInvocation, SarkError
 from workers.keys import breaker_key
 from workers.redis_client import CONNECTION_ERRORS, reconnecting_client

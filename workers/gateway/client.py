@@ -20,7 +20,6 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from config.settings import Settings
 from workers import __version__
-from workers.asyncio_backend import asyncio_pool, transport_on
 from workers.errors import (
     AuthorizationDenied,
     GatewayUnavailable,
@@ -31,7 +30,8 @@ from workers.errors import (
     SarkError,
     ToolError,
 )
-from workers.json_post import ERROR_BODY_BYTES, JsonPost, decoded, read_head, read_limited
+from workers.gateway.backend import asyncio_pool, transport_on
+from workers.gateway.post import ERROR_BODY_BYTES, JsonPost, decoded, read_head, read_limited
 from workers.models import GatewayServerInfo, GatewayToolInfo, describe_validation_error
 
 __all__ = ["GatewayClient", "NoCookies", "server_path"]
@@ -111,9 +111,9 @@ class GatewayClient:
     Args:
         settings: URL, key, prefix, pool limits, timeouts and retry policy.
 
-    One connection pool (:func:`~workers.asyncio_backend.asyncio_pool`) serves both the
+    One connection pool (:func:`~workers.gateway.backend.asyncio_pool`) serves both the
     ``httpx.AsyncClient`` (discovery, health, SSE) and the invocation hot path
-    (:class:`~workers.json_post.JsonPost`), so the pool limits bound all of them together.
+    (:class:`~workers.gateway.post.JsonPost`), so the pool limits bound all of them together.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -145,7 +145,7 @@ class GatewayClient:
     ) -> tuple[httpx.Response, bytes]:
         """Send one discovery/health request; return the response and its body (read with caps).
 
-        Invocations do not come here: they go through :class:`~workers.json_post.JsonPost`.
+        Invocations do not come here: they go through :class:`~workers.gateway.post.JsonPost`.
 
         Raises:
             PayloadTooLarge: a success body over ``max_result_bytes`` (an error body is cut instead).

@@ -1,0 +1,1 @@
+"""Streamed chunks in Redis streams: written by workers (:mod:`.publisher`), read by apps (:mod:`.reader`)."""
