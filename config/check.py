@@ -16,11 +16,12 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from config.registry import Registry, RegistryError, StdioServer, load_registry
+from config.registry import Registry, RegistryError, ServerBase, StdioServer, load_registry
 from config.settings import Settings
+from config.transports import PLUGINS_VARIABLE, catalog, get_spec, load_object
 from config.worker_secrets import is_worker_secret
 
-__all__ = ["Problem", "check_config", "check_registry", "check_security"]
+__all__ = ["Problem", "check_config", "check_registry", "check_security", "check_stdio"]
 
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env", "cmd", "powershell", "pwsh"}
 _SECRET_NAME = re.compile(r"(?i)(token|secret|password|passwd|api[_-]?key|private[_-]?key|credential)")
@@ -39,7 +40,10 @@ class Problem:
         return f"{self.level}: {self.where}: {self.message}"
 
 
-def _check_stdio(server: StdioServer, settings: Settings) -> list[Problem]:
+def check_stdio(server: ServerBase, settings: Settings) -> list[Problem]:
+    """Problems of one stdio server entry (the ``check`` of the ``stdio`` transport)."""
+    if not isinstance(server, StdioServer):
+        return []
     where = f"servers.{server.name}"
     problems: list[Problem] = []
     command = Path(server.command)
@@ -129,8 +133,9 @@ def check_registry(registry: Registry, settings: Settings) -> list[Problem]:
         if server.timeout is not None and server.timeout > settings.max_invoke_timeout:
             problems.append(Problem("error", f"servers.{server.name}.timeout",
                                     f"{server.timeout:g}s exceeds max_invoke_timeout {settings.max_invoke_timeout:g}s"))
-        if isinstance(server, StdioServer):
-            problems.extend(_check_stdio(server, settings))
+        check = get_spec(server.transport).check
+        if check is not None:
+            problems.extend(load_object(check)(server, settings))
     return problems
 
 
@@ -142,6 +147,10 @@ def check_config(registry_path: Path | None = None) -> list[Problem]:
         return [Problem("error", "settings", "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False)
         ))]
+    try:
+        catalog()
+    except (ImportError, ValueError) as exc:
+        return [Problem("error", PLUGINS_VARIABLE, str(exc))]
     path = registry_path or settings.registry_path
     try:
         registry = load_registry(path)

@@ -16,10 +16,10 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 __all__ = [
     "AccessPolicy",
@@ -27,7 +27,7 @@ __all__ = [
     "GatewayServer",
     "Registry",
     "RegistryError",
-    "ServerConfig",
+    "ServerBase",
     "StdioLimits",
     "StdioServer",
     "UnsetVariable",
@@ -66,17 +66,26 @@ class AccessPolicy(BaseModel):
     roles: list[str] = Field(default_factory=list, description="allowed roles (the roles claim)")
 
 
-class _ServerBase(BaseModel):
+class ServerBase(BaseModel):
+    """What every registry entry has, whatever its transport (a transport's server model extends it and
+    narrows ``transport`` to a ``Literal`` of its name; see :mod:`config.transports`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    transport: str
     name: str = Field(pattern=NAME_PATTERN)
     timeout: float | None = Field(default=None, gt=0, description="per-call timeout override")
     breaker: BreakerOverrides = BreakerOverrides()
     policy: AccessPolicy | None = Field(default=None, description="who may call it; None: anyone who can enqueue")
     description: str = ""
 
+    def breaker_target(self) -> str:
+        """The circuit breaker guarding calls to this server: ``<transport>:<name>`` unless a transport
+        says that several entries fail as one (see :mod:`workers.breaker.board`)."""
+        return f"{self.transport}:{self.name}"
 
-class GatewayServer(_ServerBase):
+
+class GatewayServer(ServerBase):
     """A server reached through the Gateway REST API (``http``) or its SSE stream (``sse``)."""
 
     transport: Literal["http", "sse"]
@@ -89,6 +98,10 @@ class GatewayServer(_ServerBase):
     def gateway_id(self) -> str:
         """Identifier sent to the Gateway as ``server_id``."""
         return self.server_id or self.name
+
+    def breaker_target(self) -> str:
+        """``gateway:<server_id>``: the ``http`` and ``sse`` entries of one Gateway server share a breaker."""
+        return f"gateway:{self.gateway_id}"
 
 
 class StdioLimits(BaseModel):
@@ -120,7 +133,7 @@ class UnsetVariable(LookupError):
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class StdioServer(_ServerBase):
+class StdioServer(ServerBase):
     """A local MCP server started by the worker as a subprocess speaking MCP over stdio.
 
     The child's environment is exactly ``inherit_env`` (names copied from the worker's environment) plus
@@ -222,9 +235,6 @@ class StdioServer(_ServerBase):
         return env
 
 
-ServerConfig = Annotated[GatewayServer | StdioServer, Field(discriminator="transport")]
-
-
 def _passwd(user: str) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(user)
@@ -256,15 +266,41 @@ class Registry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    servers: dict[str, ServerConfig] = Field(default_factory=dict)
+    servers: dict[str, ServerBase] = Field(default_factory=dict)
 
-    def get(self, name: str) -> GatewayServer | StdioServer | None:
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _entries_by_transport(cls, servers: object) -> object:
+        """Entries given as mappings are validated by the server model of their ``transport``."""
+        if not isinstance(servers, dict) or all(isinstance(v, ServerBase) for v in servers.values()):
+            return servers
+        return _servers_adapter().validate_python(servers)
+
+    def get(self, name: str) -> ServerBase | None:
         """The server called ``name``, or None."""
         return self.servers.get(name)
 
-    def stdio_servers(self) -> list[StdioServer]:
-        """Every stdio server, in file order."""
-        return [s for s in self.servers.values() if isinstance(s, StdioServer)]
+    def of_transport(self, *names: str) -> list[ServerBase]:
+        """Every server registered with one of the transports ``names``, in file order."""
+        return [s for s in self.servers.values() if s.transport in names]
+
+
+def _servers_adapter() -> TypeAdapter[dict[str, ServerBase]]:
+    """Validates a mapping of entries, each by the server model its ``transport`` names (the catalog's)."""
+    from config.transports import catalog
+
+    models = tuple(dict.fromkeys(spec.server_model for spec in catalog().values()))
+    if _adapters.get("models") != models:
+        entry: Any = models[0]
+        if len(models) > 1:
+            entry = Annotated[Union[models], Field(discriminator="transport")]  # noqa: UP007
+        _adapters["models"] = models
+        _adapters["adapter"] = TypeAdapter(dict[str, entry])
+    adapter: TypeAdapter[dict[str, ServerBase]] = _adapters["adapter"]
+    return adapter
+
+
+_adapters: dict[str, Any] = {}
 
 
 def load_registry(path: Path) -> Registry:

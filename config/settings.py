@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,9 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["DEFAULT_REGISTRY_PATH", "Settings", "get_settings"]
 
 DEFAULT_REGISTRY_PATH = Path(__file__).with_name("servers.yaml")
-
-TransportName = Literal["http", "sse", "stdio"]
-
 
 class Settings(BaseSettings):
     """Everything a worker, a client or the reference Gateway needs to know.
@@ -151,9 +147,17 @@ class Settings(BaseSettings):
         """Result backend URL (``result_backend`` or ``redis_url``)."""
         return self.result_backend or self.redis_url
 
-    def queue_for(self, transport: TransportName) -> str:
-        """Queue that carries invocations of ``transport``."""
-        return {"http": self.queue_http, "sse": self.queue_sse, "stdio": self.queue_stdio}[transport]
+    def queue_for(self, transport: str) -> str:
+        """Queue that carries invocations of ``transport``: its ``queue_<name>`` setting (``SARK_QUEUE_HTTP``…)
+        for the built-in ones, else the transport's default (:mod:`config.transports`).
+
+        Raises:
+            UnknownTransport: no transport of that name.
+        """
+        from config.transports import get_spec
+
+        own = getattr(self, f"queue_{transport}", None)
+        return own if isinstance(own, str) else get_spec(transport).default_queue
 
 
 @lru_cache(maxsize=1)

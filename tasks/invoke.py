@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from celery import Task, states
 from celery.exceptions import Ignore, Reject
 
+from config.transports import listing_transport
 from workers.app import app
 from workers.authz import authorize
 from workers.breaker.board import breaker_command
@@ -213,7 +214,7 @@ def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
         if entry.policy is not None:  # listing starts the server: the same callers as for a call
             token = open_call_token(runtime.settings, _header(self, TOKEN_HEADER), str(self.request.id))
             authorize(entry.name, entry.policy, token, runtime.verifier, runtime.settings)
-        transport = runtime.transport("http" if entry.transport == "sse" else entry.transport)
+        transport = runtime.transport(listing_transport(entry))
         tools = _run(runtime, transport.list_tools(entry), _discovery_wait(runtime))
     return [t.model_dump(mode="json") for t in tools]
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import (
+    celeryd_after_setup,
     setup_logging,
     worker_init,
     worker_process_init,
@@ -23,11 +24,11 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
+from config.transports import UnknownTransport, default_transport, listing_transport
 from workers.broker import broker_transport
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
 from workers.leases import taken_with_messages
 from workers.logs import configure_logging
-from workers.models import default_transport
 
 if TYPE_CHECKING:
     from workers.runtime import Runtime
@@ -67,23 +68,27 @@ class InvocationRouter:
         if name == TASK_INVOKE:
             invocation = (kwargs or {}).get("invocation")
             if not isinstance(invocation, dict):
-                return {"queue": self._settings.queue_http}
+                return {"queue": self._settings.queue_http}  # refused there, with a typed error
             transport = invocation.get("transport")
             if transport is None:
                 registry = self._registry()
                 server = registry.get(str(invocation.get("server"))) if registry else None
-                transport = default_transport(server.transport if server else "http", bool(invocation.get("stream")))
-            if transport == "sse":
-                return {"queue": self._settings.queue_sse}
-            if transport == "stdio":
-                return {"queue": self._settings.queue_stdio}
-            return {"queue": self._settings.queue_http}
+                if server is None:
+                    return {"queue": self._settings.queue_http}  # UnknownServer, there
+                transport = default_transport(server, bool(invocation.get("stream")))
+            return {"queue": self._queue_of(transport)}
         if name == TASK_LIST_TOOLS:
             registry = self._registry()
             server = registry.get(str((kwargs or {}).get("server"))) if registry else None
-            if server is not None and server.transport == "stdio":
-                return {"queue": self._settings.queue_stdio}
+            if server is not None:
+                return {"queue": self._queue_of(listing_transport(server))}
         return {"queue": self._settings.queue_http}
+
+    def _queue_of(self, transport: object) -> str:
+        try:
+            return self._settings.queue_for(str(transport))
+        except UnknownTransport:
+            return self._settings.queue_http  # refused there (InvalidInvocation), not lost in a queue of its own
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -211,6 +216,18 @@ def _drain_after_grace(how: str = "", **_: Any) -> None:
     timer = threading.Timer(grace, drain)
     timer.daemon = True
     timer.start()
+
+
+@celeryd_after_setup.connect
+def _remember_queues(instance: Any = None, **_: Any) -> None:
+    # The runtime builds only the transports of the queues this worker consumes (-Q); forked children
+    # inherit the value.
+    from workers import runtime
+
+    queues = getattr(getattr(getattr(instance, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None)
+    if consumed:
+        runtime.worker_queues = frozenset(consumed)
 
 
 @worker_process_init.connect

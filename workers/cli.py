@@ -1,4 +1,5 @@
-"""``sark``: the operators' command line (worker, invoke, stream, servers, tools, breakers, config, demo)."""
+"""``sark``: the operators' command line (worker, invoke, stream, servers, tools, transports, breakers, config,
+demo)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-QUEUE_BY_TRANSPORT = {"http": "queue_http", "sse": "queue_sse", "stdio": "queue_stdio"}
 #: Default of --wait (seconds) for ``sark invoke`` and ``sark stream``.
 DEFAULT_WAIT = 120.0
 #: Default of ``sark stream --grace`` (seconds).
@@ -44,13 +44,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if cmd_check_config(argparse.Namespace(quiet=True)) != 0:
         return 2
+    from config.transports import catalog
+
     settings = get_settings()
-    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
-    unknown = sorted(set(transports) - set(QUEUE_BY_TRANSPORT))
+    known = list(catalog())
+    transports = [t.strip() for t in (args.transports or ",".join(known)).split(",") if t.strip()]
+    unknown = sorted(set(transports) - set(known))
     if unknown:
-        print(f"unknown transport(s): {', '.join(unknown)}", file=sys.stderr)
+        print(f"unknown transport(s): {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
         return 2
-    queues = ",".join(getattr(settings, QUEUE_BY_TRANSPORT[t]) for t in transports)
+    queues = ",".join(dict.fromkeys(settings.queue_for(t) for t in transports))
     argv = [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
         "-P", args.pool, "-c", str(args.concurrency), "-n", f"{args.name}@%h", "-l", args.loglevel, "-E",
@@ -244,6 +247,31 @@ def cmd_servers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transports(args: argparse.Namespace) -> int:
+    """List the transports of the catalog (built-in and plug-ins), their queues and registry servers."""
+    from config.registry import RegistryError, load_registry
+    from config.settings import get_settings
+    from config.transports import catalog
+
+    settings = get_settings()
+    try:
+        servers = list(load_registry(settings.registry_path).servers.values())
+    except RegistryError:
+        servers = []
+    rows: list[dict[str, Any]] = [{
+        "name": spec.name, "queue": settings.queue_for(spec.name), "family": spec.family,
+        "stream_via": spec.stream_via, "list_via": spec.list_via, "description": spec.description,
+        "module": spec.factory.partition(":")[0], "servers": [s.name for s in servers if s.transport == spec.name],
+    } for spec in catalog().values()]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        print(f"{row['name']:<16} queue {row['queue']:<20} servers {', '.join(row['servers']) or '-'}")
+        print(f"{'':<16} {row['description'] or row['module']}")
+    return 0
+
+
 def cmd_tools(args: argparse.Namespace) -> int:
     """List tools of one registry server, or every Gateway tool."""
     _print_json([t.model_dump(mode="json") for t in _client().list_tools(args.server)])
@@ -365,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run a worker for some transports", description=cmd_worker.__doc__)
-    p.add_argument("--transports", default="http,sse,stdio", help="comma list of http,sse,stdio (default: all)")
+    p.add_argument("--transports", help="comma list of transports to serve (default: all; see `sark transports`)")
     p.add_argument("--pool", default="threads", help="celery pool (threads keeps one loop per process)")
     p.add_argument("-c", "--concurrency", type=int, default=16, help="tasks in flight per worker process")
     p.add_argument("--name", default="sark", help="node name (name@host)")
@@ -378,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--args", default="{}", help="tool arguments as a JSON object")
     p.add_argument("--token", help="user bearer token (prefer --token-env: argv is visible to other users)")
     p.add_argument("--token-env", default="SARK_USER_TOKEN", help="environment variable holding the token")
-    p.add_argument("--transport", choices=["http", "sse", "stdio"])
+    p.add_argument("--transport", help="http, sse, stdio or a plug-in's (default: the server's)")
     p.add_argument("--stream", action="store_true", help="follow the invocation's chunks live")
     p.add_argument("--timeout", type=float, help="invocation timeout in seconds")
     p.add_argument("--wait", type=_positive, default=DEFAULT_WAIT,
@@ -403,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-id")
     p.add_argument("--registry", action="store_true", help="show the local registry instead of the Gateway's")
     p.set_defaults(fn=cmd_servers)
+
+    p = sub.add_parser("transports", help="list the transports, their queues and servers",
+                       description=cmd_transports.__doc__)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_transports)
 
     p = sub.add_parser("tools", help="list tools", description=cmd_tools.__doc__)
     p.add_argument("server", nargs="?")

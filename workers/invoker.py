@@ -11,8 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from config.registry import GatewayServer, StdioServer
+from config.registry import ServerBase
 from config.settings import Settings
+from config.transports import UnknownTransport, default_transport, reaches
 from workers.authz import authorize
 from workers.errors import (
     Cancelled,
@@ -27,8 +28,6 @@ from workers.errors import (
 from workers.models import (
     Invocation,
     InvocationResult,
-    TransportName,
-    default_transport,
     describe_validation_error,
     json_size,
     parse_invocation,
@@ -44,21 +43,20 @@ __all__ = ["execute", "open_call_token", "resolve", "resolve_timeout"]
 log = logging.getLogger("sark.invoke")
 
 
-def resolve(
-    invocation: Invocation, runtime_registry_get: GatewayServer | StdioServer | None
-) -> tuple[GatewayServer | StdioServer, TransportName]:
-    """The invocation's server entry and transport, checked against each other.
+def resolve(invocation: Invocation, server: ServerBase | None) -> tuple[ServerBase, str]:
+    """The invocation's server entry and transport, checked against each other (:mod:`config.transports`).
 
     Raises:
         UnknownServer: the server is not in the registry.
-        InvalidInvocation: the transport cannot reach that server.
+        InvalidInvocation: no such transport, or it cannot reach that server.
     """
-    server = runtime_registry_get
     if server is None:
         raise UnknownServer(f"unknown server {invocation.server!r}", {"server": invocation.server})
-    transport: TransportName = invocation.transport or default_transport(server.transport, invocation.stream)
-    gateway_pair = {"http", "sse"}
-    compatible = transport == server.transport or (transport in gateway_pair and server.transport in gateway_pair)
+    try:
+        transport = invocation.transport or default_transport(server, invocation.stream)
+        compatible = reaches(transport, server)
+    except UnknownTransport as exc:
+        raise InvalidInvocation(str(exc), {"transport": invocation.transport}) from None
     if not compatible:
         raise InvalidInvocation(
             f"server {server.name!r} is reached over {server.transport}, not {transport}",
@@ -67,7 +65,7 @@ def resolve(
     return server, transport
 
 
-def resolve_timeout(invocation: Invocation, server: GatewayServer | StdioServer, settings: Settings) -> float:
+def resolve_timeout(invocation: Invocation, server: ServerBase, settings: Settings) -> float:
     """Invocation timeout: the task's, else the server's, else the default; between the minimum and maximum.
 
     Raises:

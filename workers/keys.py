@@ -9,13 +9,11 @@ from __future__ import annotations
 
 __all__ = [
     "ATTEMPT_TTL",
-    "CANCEL_TTL",
     "PREFIX",
     "attempt_key",
     "breaker_channel",
     "breaker_index_key",
     "breaker_key",
-    "cancel_key",
     "consumers_key",
     "fleet_key",
     "heartbeats_key",
@@ -27,8 +25,6 @@ __all__ = [
 
 PREFIX = "sark"
 
-#: Seconds a cancellation request is remembered.
-CANCEL_TTL = 3_600
 #: Seconds a delivery counter is remembered (above any visibility timeout a deployment uses).
 ATTEMPT_TTL = 86_400
 
@@ -52,11 +48,6 @@ def breaker_channel() -> str:
     """Pub/sub channel: the breaker scripts publish a breaker's key on every change of its state,
     failure count or generation (no storage; see :mod:`workers.breaker.watch`)."""
     return f"{PREFIX}:breaker-changes"
-
-
-def cancel_key(request_id: str) -> str:
-    """Flag set when a caller cancels an invocation (TTL: ``CANCEL_TTL``)."""
-    return f"{PREFIX}:cancel:{request_id}"
 
 
 def attempt_key(request_id: str) -> str:

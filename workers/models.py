@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
 
 from workers.errors import InvalidInvocation, PayloadTooLarge
 
@@ -22,13 +22,14 @@ __all__ = [
     "Invocation",
     "InvocationResult",
     "TransportName",
-    "default_transport",
     "describe_validation_error",
     "json_size",
     "parse_invocation",
 ]
 
-TransportName = Literal["http", "sse", "stdio"]
+#: A transport's name (``http``, ``sse``, ``stdio`` or a plug-in's: see :mod:`config.transports`); the worker
+#: refuses one its catalog does not have.
+TransportName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 SensitivityLevel = Literal["low", "medium", "high", "critical"]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -111,11 +112,6 @@ class GatewayToolInfo(BaseModel):
     parameters: list[dict[str, Any]] = Field(default_factory=list)
     sensitive_params: list[str] = Field(default_factory=list)
     required_capabilities: list[str] = Field(default_factory=list)
-
-
-def default_transport(server_transport: TransportName, stream: bool) -> TransportName:
-    """The transport an invocation uses when it names none: its server's, but SSE for a streamed Gateway call."""
-    return "sse" if stream and server_transport == "http" else server_transport
 
 
 def describe_validation_error(exc: ValidationError) -> str:

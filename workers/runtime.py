@@ -14,47 +14,60 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Collection, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from config.registry import Registry, load_registry
 from config.settings import Settings, get_settings
+from config.transports import catalog, get_spec
 from workers.authz import TokenVerifier
 from workers.breaker.board import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
 from workers.errors import Cancelled, InvalidInvocation
-from workers.gateway.client import GatewayClient
 from workers.leases import LeaseKeeper, max_hold, taken_with_messages
 from workers.loop import EventLoopThread, LoopClosed
-from workers.models import TransportName
 from workers.redis_client import reconnecting_client
 from workers.scrub import register_settings_secrets
-from workers.transports.base import Transport
-from workers.transports.http import HttpTransport
-from workers.transports.sse import SseTransport
-from workers.transports.stdio import StdioTransport
+from workers.transports.base import BuildContext, Transport
 
-__all__ = ["Runtime", "close_runtime", "current_runtime", "get_runtime"]
+__all__ = ["Runtime", "close_runtime", "current_runtime", "get_runtime", "transports_for_queues"]
 
 log = logging.getLogger("sark.runtime")
 
 T = TypeVar("T")
 
 
-class Runtime:
-    """Everything one worker process keeps between tasks."""
+def transports_for_queues(settings: Settings, queues: Collection[str] | None) -> list[str]:
+    """The transports a worker consuming ``queues`` builds: those whose queue it consumes. Every transport
+    when ``queues`` is None (not a worker: tests, eager calls) or names no transport's queue (a worker on
+    custom queues may be sent anything)."""
+    every = list(catalog())
+    if queues is None:
+        return every
+    wanted = [name for name in every if settings.queue_for(name) in queues]
+    return wanted or every
 
-    def __init__(self, settings: Settings, registry: Registry, environ: Mapping[str, str] | None = None) -> None:
+
+class Runtime:
+    """Everything one worker process keeps between tasks.
+
+    Args:
+        transports: names of the transports to build (default: every transport of the catalog).
+    """
+
+    def __init__(self, settings: Settings, registry: Registry, environ: Mapping[str, str] | None = None,
+                 transports: Collection[str] | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        self.wanted = [get_spec(name).name for name in (catalog() if transports is None else transports)]
         # From now on every error and log line of this process is scrubbed of the settings' secrets.
         register_settings_secrets(settings)
         #: What stdio servers' ``inherit_env`` and ``${NAME}`` draw from (no worker secret in it).
         self.environ = launch_environment(environ)
         self.loop = EventLoopThread()
-        self.transports: dict[TransportName, Transport] = {}
+        self.transports: dict[str, Transport] = {}
         self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
         #: True once the worker is shutting down and has interrupted what was running.
         self.draining = False
@@ -80,31 +93,15 @@ class Runtime:
         self.leases = LeaseKeeper(self.redis, ttl=self.settings.heartbeat_timeout,
                                   interval=self.settings.heartbeat_interval, hold=max_hold(self.settings))
         self.leases.start()
-        self.gateway = GatewayClient(self.settings)
+        context = BuildContext(self.settings, self.registry, self.environ)
+        #: The Gateway client (discovery and health tasks use it too; it connects on first use).
+        self.gateway = context.gateway
         self.breakers = BreakerBoard.from_settings(self.settings, self.registry)
         await self.breakers.start()
-        self.transports = self._build_transports()
+        # Only the transports this worker serves: a stdio server never starts on a worker of the http queue.
+        self.transports = {name: get_spec(name).build(context) for name in self.wanted}
         for transport in self.transports.values():
             await transport.open()
-
-    def _build_transports(self) -> dict[TransportName, Transport]:
-        transports: dict[TransportName, Transport] = {
-            "http": HttpTransport(self.gateway, max_result_bytes=self.settings.max_result_bytes),
-            "sse": SseTransport(
-                self.gateway,
-                max_result_bytes=self.settings.max_result_bytes,
-                reconnects=self.settings.sse_reconnects,
-                retry_max=self.settings.sse_retry_max,
-                max_duration=self.settings.max_invoke_timeout,
-            ),
-            "stdio": StdioTransport(
-                self.registry.stdio_servers(),
-                max_result_bytes=self.settings.max_result_bytes,
-                list_timeout=self.settings.invoke_timeout,
-                environ=self.environ,
-            ),
-        }
-        return transports
 
     def run_invocation(self, request_id: str, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run an invocation's coroutine on the loop, cancellable by :meth:`cancel` meanwhile.
@@ -154,16 +151,19 @@ class Runtime:
         future = self._inflight.get(request_id)
         return bool(future and future.cancel())
 
-    def transport(self, name: TransportName) -> Transport:
+    def transport(self, name: str) -> Transport:
         """The transport called ``name``.
 
         Raises:
-            InvalidInvocation: this worker has no such transport.
+            InvalidInvocation: this worker does not serve that transport (the task was sent to another
+                transport's queue by hand).
         """
         try:
             return self.transports[name]
         except KeyError:
-            raise InvalidInvocation(f"transport {name!r} is not available on this worker") from None
+            raise InvalidInvocation(f"transport {name!r} is not served by this worker (it serves "
+                                    f"{', '.join(self.transports)}): send the task to its queue, "
+                                    f"{self.settings.queue_for(name)}", {"transport": name}) from None
 
     async def _close(self) -> None:
         await self.leases.close()
@@ -191,8 +191,12 @@ _runtime: Runtime | None = None
 _runtime_pid: int | None = None
 
 
+#: The queues this worker process consumes (set by the worker at setup; None outside workers).
+worker_queues: frozenset[str] | None = None
+
+
 def get_runtime(settings: Settings | None = None, registry: Registry | None = None) -> Runtime:
-    """This process's runtime, created on first call."""
+    """This process's runtime, created on first call with the transports of :data:`worker_queues`."""
     global _runtime, _runtime_pid
     pid = os.getpid()
     if _runtime is not None and _runtime_pid == pid:
@@ -205,9 +209,10 @@ def get_runtime(settings: Settings | None = None, registry: Registry | None = No
             # the settings object holds the secrets from here on (workers.app loaded get_settings() at import).
             environ = launch_environment()
             harden_worker_process()
-            _runtime = Runtime(settings, registry, environ)
+            _runtime = Runtime(settings, registry, environ, transports_for_queues(settings, worker_queues))
             _runtime_pid = pid
-            log.info("runtime started", extra={"pid": pid, "servers": sorted(registry.servers)})
+            log.info("runtime started", extra={"pid": pid, "servers": sorted(registry.servers),
+                                               "transports": sorted(_runtime.transports)})
         return _runtime
 
 

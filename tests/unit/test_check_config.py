@@ -122,10 +122,10 @@ def test_limits_validate_and_processes_without_user_is_warned(tmp_path: Path) ->
 def test_a_worker_that_is_not_root_cannot_switch_user() -> None:
     python, env = nobody_python()
     repo = Path(__file__).resolve().parents[2]
-    code = ("from config.check import _check_stdio\nfrom config.registry import StdioServer\n"
+    code = ("from config.check import check_stdio\nfrom config.registry import StdioServer\n"
             "from config.settings import Settings\n"
             "s = StdioServer(name='t', transport='stdio', command='/bin/true', user='root')\n"
-            "print([str(p) for p in _check_stdio(s, Settings())])\n")
+            "print([str(p) for p in check_stdio(s, Settings())])\n")
     env = {**env, "PYTHONPATH": f"{repo}{os.pathsep}{env['PYTHONPATH']}"}
     out = subprocess.run([python, "-c", code], env=env, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/",
                          capture_output=True, text=True, timeout=60)

@@ -126,7 +126,10 @@ def test_a_client_does_not_load_the_runtime_nor_the_mcp_sdk() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from workers.client import SarkClient; SarkClient(); "
-            "print(sorted(m for m in ('mcp', 'workers.runtime', 'workers.transports.stdio') if m in sys.modules))")
+    heavy = ("mcp", "httpx", "anyio", "starlette", "workers.runtime", "workers.transports", "workers.gateway",
+             "workers.breaker", "workers.streams", "devkit")
+    code = ("import sys; from workers.client import SarkClient; c = SarkClient(); "
+            "c.app.amqp.router.route({}, 'sark.invoke', (), {'invocation': {'server': 'time', 'tool': 'x'}}); "
+            f"print(sorted(m for m in sys.modules if m.startswith({heavy!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout

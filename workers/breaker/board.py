@@ -5,6 +5,8 @@
 * ``gateway:<server_id>`` -- a server behind the Gateway. The ``http`` and ``sse`` registry entries
   naming the same Gateway server share it (``echo`` and ``echo-stream`` are one target).
 * ``stdio:<name>`` -- one stdio MCP server of the registry.
+* ``<transport>:<name>`` -- a server of any other transport, unless its server model's
+  ``breaker_target()`` says otherwise (:mod:`config.transports`).
 
 There is deliberately no single breaker for "the Gateway as a whole": one broken server behind
 the Gateway (answering 5xx) would then block every healthy server. A Gateway outage opens the
@@ -47,7 +49,7 @@ from typing import Any, Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from config.registry import BreakerOverrides, GatewayServer, Registry, StdioServer
+from config.registry import BreakerOverrides, Registry, ServerBase
 from config.settings import Settings
 from workers.breaker.store import BreakerStore, Decision, LocalStore, Outcome, RedisStore, State, Transition
 from workers.breaker.watch import BreakerWatch
@@ -70,11 +72,9 @@ log = logging.getLogger("sark.breaker")
 T = TypeVar("T")
 
 
-def target_of(server: GatewayServer | StdioServer) -> str:
-    """The breaker target of a registry server (see the module docstring)."""
-    if isinstance(server, StdioServer):
-        return f"stdio:{server.name}"
-    return f"gateway:{server.gateway_id}"
+def target_of(server: ServerBase) -> str:
+    """The breaker target of a registry server: its model's ``breaker_target()`` (see the module docstring)."""
+    return server.breaker_target()
 
 
 class BreakerListener(Protocol):
@@ -283,7 +283,7 @@ class BreakerBoard:
             found = self._breakers[target] = CircuitBreaker(target, config, self)
         return found
 
-    async def call(self, server: GatewayServer | StdioServer, func: Callable[[], Awaitable[T]], *, lease: float) -> T:
+    async def call(self, server: ServerBase, func: Callable[[], Awaitable[T]], *, lease: float) -> T:
         """``func()`` guarded by the breaker of ``server``'s target (see :meth:`CircuitBreaker.call`)."""
         return await self.breaker(target_of(server)).call(func, lease=lease)
 

@@ -1,19 +1,26 @@
-"""The transport contract: every transport (http, sse, stdio) implements :class:`Transport`.
+"""The transport contract: every transport (http, sse, stdio, plug-ins) implements :class:`Transport`.
 
 Tasks never know which transport they hold: they build a :class:`Call`, hand it to
 ``transport.invoke`` and get a :class:`ToolOutcome` or a :class:`~workers.errors.SarkError`.
+A worker builds each transport it needs once, with the factory its catalog entry names
+(:mod:`config.transports`), from a :class:`BuildContext`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from config.registry import GatewayServer, StdioServer
-from workers.models import Chunk, GatewayToolInfo, Invocation, TransportName
+from config.registry import Registry, ServerBase
+from config.settings import Settings
+from workers.models import Chunk, GatewayToolInfo, Invocation
 
-__all__ = ["Call", "ChunkSink", "ToolOutcome", "Transport"]
+if TYPE_CHECKING:
+    from workers.gateway.client import GatewayClient
+
+__all__ = ["BuildContext", "Call", "ChunkSink", "ToolOutcome", "Transport"]
 
 #: Receives each chunk a streaming call produces, in order. Awaited before the next is read,
 #: so a slow sink slows the producer down instead of growing memory.
@@ -24,7 +31,7 @@ ChunkSink = Callable[[Chunk], Awaitable[None]]
 class Call:
     """One invocation as a transport sees it."""
 
-    server: GatewayServer | StdioServer
+    server: ServerBase
     invocation: Invocation
     request_id: str
     timeout: float
@@ -46,7 +53,7 @@ class ToolOutcome:
 class Transport(Protocol):
     """How a worker reaches one kind of target."""
 
-    name: TransportName
+    name: str
 
     async def open(self) -> None:
         """Acquire long-lived resources (pools, eager subprocesses)."""
@@ -57,5 +64,32 @@ class Transport(Protocol):
     async def invoke(self, call: Call) -> ToolOutcome:
         """Carry out one tool call; stream chunks to ``call.sink`` when it is set."""
 
-    async def list_tools(self, server: GatewayServer | StdioServer | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
         """Tools of ``server`` (or of every server the transport reaches, when None)."""
+
+
+@dataclass
+class BuildContext:
+    """What a transport factory may use: this worker's settings, registry and launch environment, and the
+    Gateway client shared by every transport that needs it (created on first use, closed by the runtime)."""
+
+    settings: Settings
+    registry: Registry
+    #: The environment stdio servers draw from (the worker's own secrets removed).
+    environ: Mapping[str, str]
+
+    def servers(self, transport: str) -> list[ServerBase]:
+        """The registry entries of ``transport``, in file order."""
+        return self.registry.of_transport(transport)
+
+    @functools.cached_property
+    def gateway(self) -> GatewayClient:
+        """The Gateway client of this process (one connection pool for every Gateway transport)."""
+        from workers.gateway.client import GatewayClient
+
+        return GatewayClient(self.settings)
+
+    def gateway_if_built(self) -> GatewayClient | None:
+        """The Gateway client if a factory asked for it."""
+        built: GatewayClient | None = self.__dict__.get("gateway")
+        return built

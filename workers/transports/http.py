@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.registry import GatewayServer, StdioServer
+from config.registry import GatewayServer, ServerBase
 from workers.errors import InvalidInvocation
 from workers.gateway.client import GatewayClient
-from workers.models import GatewayToolInfo, TransportName
-from workers.transports.base import Call, ToolOutcome
+from workers.models import GatewayToolInfo
+from workers.transports.base import BuildContext, Call, ToolOutcome
 
-__all__ = ["HttpTransport", "outcome_from_gateway"]
+__all__ = ["HttpTransport", "build", "outcome_from_gateway"]
 
 
 def outcome_from_gateway(data: dict[str, Any], chunks: int = 0) -> ToolOutcome:
@@ -24,7 +24,7 @@ def outcome_from_gateway(data: dict[str, Any], chunks: int = 0) -> ToolOutcome:
     )
 
 
-def gateway_server(call_server: GatewayServer | StdioServer) -> GatewayServer:
+def gateway_server(call_server: ServerBase) -> GatewayServer:
     """The call's server, which must be a Gateway one."""
     if not isinstance(call_server, GatewayServer):
         raise InvalidInvocation(f"server {call_server.name!r} is not reached through the Gateway")
@@ -34,7 +34,7 @@ def gateway_server(call_server: GatewayServer | StdioServer) -> GatewayServer:
 class HttpTransport:
     """Carries out invocations with one ``POST /invoke`` on the shared Gateway client."""
 
-    name: TransportName = "http"
+    name = "http"
 
     def __init__(self, gateway: GatewayClient, *, max_result_bytes: int) -> None:
         self._gateway = gateway
@@ -60,8 +60,13 @@ class HttpTransport:
         )
         return outcome_from_gateway(data)
 
-    async def list_tools(self, server: GatewayServer | StdioServer | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
         """``GET /tools`` for one server (by Gateway id) or for all."""
         if server is None:
             return await self._gateway.list_tools()
         return await self._gateway.list_tools(server_id=gateway_server(server).gateway_id)
+
+
+def build(context: BuildContext) -> HttpTransport:
+    """The ``http`` transport of one worker process (catalog factory)."""
+    return HttpTransport(context.gateway, max_result_bytes=context.settings.max_result_bytes)

@@ -37,7 +37,7 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 # Back to EventSource.aiter_sse() once httpx-sse can cap an event.
 from httpx_sse._decoders import SSEDecoder
 
-from config.registry import GatewayServer, StdioServer
+from config.registry import ServerBase
 from workers.errors import (
     AuthorizationDenied,
     GatewayUnavailable,
@@ -47,11 +47,11 @@ from workers.errors import (
 )
 from workers.gateway.client import GatewayClient
 from workers.gateway.post import ERROR_BODY_BYTES, decoded, read_head, read_limited
-from workers.models import Chunk, GatewayToolInfo, TransportName, json_size
-from workers.transports.base import Call, ToolOutcome
+from workers.models import Chunk, GatewayToolInfo, json_size
+from workers.transports.base import BuildContext, Call, ToolOutcome
 from workers.transports.http import gateway_server, outcome_from_gateway
 
-__all__ = ["SseTransport"]
+__all__ = ["SseTransport", "build"]
 
 log = logging.getLogger("sark.sse")
 
@@ -161,7 +161,7 @@ class SseTransport:
         max_duration: seconds the whole stream may take.
     """
 
-    name: TransportName = "sse"
+    name = "sse"
 
     def __init__(
         self,
@@ -184,7 +184,7 @@ class SseTransport:
     async def close(self) -> None:
         """The Gateway client is owned (and closed) by the runtime."""
 
-    async def list_tools(self, server: GatewayServer | StdioServer | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
         """``GET /tools`` (same Gateway as the HTTP transport)."""
         if server is None:
             return await self._gateway.list_tools()
@@ -340,3 +340,10 @@ class SseTransport:
         state.seq += 1
         if fresh_id is not None:
             state.remember(fresh_id)
+
+
+def build(context: BuildContext) -> SseTransport:
+    """The ``sse`` transport of one worker process (catalog factory)."""
+    settings = context.settings
+    return SseTransport(context.gateway, max_result_bytes=settings.max_result_bytes, reconnects=settings.sse_reconnects,
+                        retry_max=settings.sse_retry_max, max_duration=settings.max_invoke_timeout)

@@ -39,7 +39,7 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
-from config.registry import GatewayServer, StdioServer
+from config.registry import ServerBase, StdioServer
 from workers.environment import launch_environment
 from workers.errors import (
     InvalidInvocation,
@@ -50,11 +50,11 @@ from workers.errors import (
     ServerCrashed,
     ToolError,
 )
-from workers.models import Chunk, GatewayToolInfo, TransportName
-from workers.transports.base import Call, ChunkSink, ToolOutcome
+from workers.models import Chunk, GatewayToolInfo
+from workers.transports.base import BuildContext, Call, ChunkSink, ToolOutcome
 from workers.transports.stdio_process import OUTPUT_TOO_LARGE, StdioPipe
 
-__all__ = ["ServerPool", "StdioTransport"]
+__all__ = ["ServerPool", "StdioTransport", "build"]
 
 log = logging.getLogger("sark.stdio")
 
@@ -68,7 +68,7 @@ _PROGRESS_PENDING = 256
 _PROGRESS_PENDING_BYTES = 1_048_576
 
 
-def stdio_server(server: GatewayServer | StdioServer) -> StdioServer:
+def stdio_server(server: ServerBase) -> StdioServer:
     """The call's server, which must be a stdio one."""
     if not isinstance(server, StdioServer):
         raise InvalidInvocation(f"server {server.name!r} is not a stdio server")
@@ -439,7 +439,7 @@ class StdioTransport:
             was at start, without its secrets (default: :func:`workers.environment.launch_environment` now).
     """
 
-    name: TransportName = "stdio"
+    name = "stdio"
 
     def __init__(self, servers: list[StdioServer], *, max_result_bytes: int, list_timeout: float = 30.0,
                  environ: Mapping[str, str] | None = None) -> None:
@@ -475,7 +475,7 @@ class StdioTransport:
         return await pool.call_tool(call.invocation.tool, dict(call.invocation.arguments), timeout=call.timeout,
                                     sink=call.sink)
 
-    async def list_tools(self, server: GatewayServer | StdioServer | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
         """``tools/list`` (every page) of one stdio server, or of all of them."""
         targets = [stdio_server(server)] if server is not None else list(self._servers.values())
         tools: list[GatewayToolInfo] = []
@@ -483,3 +483,10 @@ class StdioTransport:
             tools.extend(await self.pool(target).list_tools(timeout=self._list_timeout))
         return tools
 
+
+
+def build(context: BuildContext) -> StdioTransport:
+    """The ``stdio`` transport of one worker process (catalog factory): the registry's stdio servers."""
+    return StdioTransport([s for s in context.servers("stdio") if isinstance(s, StdioServer)],
+                          max_result_bytes=context.settings.max_result_bytes,
+                          list_timeout=context.settings.invoke_timeout, environ=context.environ)
