@@ -7,7 +7,9 @@ large share of the worker's CPU (``bench/profile_http.py``). This backend does t
 asyncio's own streams and ``asyncio.timeout``; httpcore keeps doing all of HTTP.
 
 It implements httpcore's documented ``AsyncNetworkBackend`` / ``AsyncNetworkStream`` interface and
-raises httpcore's exceptions (``ConnectError``, ``ReadTimeout``, …), which httpx then maps to its own.
+raises httpcore's exceptions (``ConnectError``, ``ReadTimeout``, …). :class:`PoolTransport` puts
+``httpx.AsyncClient`` on such a pool through httpx's public transport interface and maps those
+exceptions to httpx's own, as httpx's transport does.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import contextlib
 import select
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import httpcore
 import httpx
 from httpcore import AsyncNetworkBackend, AsyncNetworkStream
 
-__all__ = ["AsyncioBackend", "AsyncioStream", "asyncio_pool", "transport_on"]
+__all__ = ["AsyncioBackend", "AsyncioStream", "PoolTransport", "asyncio_pool", "transport_on"]
 
 _SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
@@ -171,12 +173,100 @@ def asyncio_pool(*, limits: httpx.Limits, verify: ssl.SSLContext | str | bool = 
     )
 
 
-def transport_on(pool: httpcore.AsyncConnectionPool) -> httpx.AsyncHTTPTransport:
-    """httpx's own transport (request/response mapping, error mapping) over ``pool``.
+class PoolTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over an httpcore pool built elsewhere (:func:`asyncio_pool`).
 
-    httpx 0.28 keeps its pool in ``_pool`` and has no argument for a network backend; the version is
-    pinned in pyproject.toml and a test guards this.
+    What ``httpx.AsyncHTTPTransport.handle_async_request`` does, on a pool it is given: httpx 0.28's
+    own transport builds its pool itself and takes no network backend. Requests map to httpcore's,
+    responses come back with a streaming body, and httpcore's errors become httpx's.
     """
-    transport = httpx.AsyncHTTPTransport()
-    transport._pool = pool
-    return transport
+
+    def __init__(self, pool: httpcore.AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    @property
+    def pool(self) -> httpcore.AsyncConnectionPool:
+        """The httpcore pool this transport sends on."""
+        return self._pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` on the pool; the answer's body streams (read it, then close it)."""
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _httpx_errors():
+            response = await self._pool.handle_async_request(core_request)
+        assert isinstance(response.stream, AsyncIterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool's connections."""
+        await self._pool.aclose()
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """An httpcore response body as an httpx one, its errors mapped as it is read."""
+
+    def __init__(self, stream: AsyncIterable[bytes]) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _httpx_errors():
+            async for piece in self._stream:
+                yield piece
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+#: httpcore's errors and the httpx errors they become, most specific first (httpx's own table).
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _httpx_errors() -> Iterator[None]:
+    """Re-raise an httpcore error as the httpx error it maps to (the message kept, chained)."""
+    try:
+        yield
+    except Exception as exc:
+        for core, mapped in _ERRORS:
+            if isinstance(exc, core):
+                raise mapped(str(exc)) from exc
+        raise
+
+
+def transport_on(pool: httpcore.AsyncConnectionPool) -> PoolTransport:
+    """An httpx transport over ``pool`` (see :class:`PoolTransport`)."""
+    return PoolTransport(pool)
