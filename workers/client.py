@@ -29,7 +29,7 @@ from workers.contract import (
     TOKEN_HEADER,
 )
 from workers.display import invocation_repr
-from workers.errors import Cancelled, InvalidToken, InvocationTimeout, ProtocolError, SarkError
+from workers.errors import Cancelled, InternalError, InvalidToken, InvocationTimeout, ProtocolError, SarkError
 from workers.models import Chunk, GatewayServerInfo, GatewayToolInfo, InvocationResult, TransportName
 from workers.tokens import seal_token, validate_token
 
@@ -64,8 +64,8 @@ def wait_result(pending: AsyncResult, timeout: float | None) -> Any:
                             {"request_id": pending.id}) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             time.sleep(0.1)  # the backend is restarting
-        except Exception as exc:  # a worker-side failure that is not ours: keep it typed
-            raise SarkError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # a worker-side failure that is not ours (e.g. a worker lost): keep it typed
+            raise InternalError(f"{type(exc).__name__}: {exc}") from exc
         ready, value = _read_backend(pending)
         if ready:
             return value
@@ -86,7 +86,7 @@ def _read_backend(pending: AsyncResult) -> tuple[bool, Any]:
     error = backend.exception_to_python(meta.get("result"))
     if isinstance(error, SarkError):
         raise error
-    raise SarkError(f"{type(error).__name__}: {error}")
+    raise InternalError(f"{type(error).__name__}: {error}")
 
 
 class InvocationHandle:
@@ -232,44 +232,95 @@ class SarkClient:
 
 
 class AsyncSarkClient:
-    """asyncio front of :class:`SarkClient` (blocking waits run in worker threads)."""
+    """asyncio twin of :class:`SarkClient`: the same methods with the same arguments, awaited.
+
+    Each call runs the synchronous client's in a worker thread (``asyncio.to_thread``), so both share one
+    implementation; streams are read with the async Redis client. What :class:`InvocationHandle` does
+    (``result``, ``stream``, ``cancel``, ``state``) is a method here that takes the handle.
+
+    Args:
+        settings: broker/backend URLs, queue names (default: ``SARK_*`` environment).
+        app: an existing Celery app to send with (default: one configured from ``settings``).
+    """
 
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
         self.sync = SarkClient(settings, app)
 
-    async def invoke(self, server: str, tool: str, arguments: dict[str, Any] | None = None,
-                     **options: Any) -> InvocationHandle:
-        """Enqueue one invocation (see :meth:`SarkClient.invoke`)."""
-        return await asyncio.to_thread(self.sync.invoke, server, tool, arguments, **options)
+    @property
+    def settings(self) -> Settings:
+        """The settings the client was made with."""
+        return self.sync.settings
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app the client sends with."""
+        return self.sync.app
+
+    async def invoke(
+        self,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        transport: TransportName | None = None,
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> InvocationHandle:
+        """Enqueue one invocation (see :meth:`SarkClient.invoke`).
+
+        Raises:
+            InvalidToken: a malformed token, or no key to seal it with.
+        """
+        return await asyncio.to_thread(self.sync.invoke, server, tool, arguments, token=token, transport=transport,
+                                       stream=stream, timeout=timeout)
 
     async def result(self, handle: InvocationHandle, timeout: float | None = None) -> InvocationResult:
-        """Wait for ``handle``'s result without blocking the event loop."""
+        """Wait for ``handle``'s result without blocking the event loop (see :meth:`InvocationHandle.result`)."""
         return await asyncio.to_thread(handle.result, timeout)
 
-    async def stream(self, handle: InvocationHandle, *, after: str | None = None) -> AsyncIterator[Chunk]:
-        """Chunks of ``handle``'s stream, read with the async Redis client."""
+    async def stream(self, handle: InvocationHandle, *, after: str | None = None,
+                     block_ms: int = 5_000) -> AsyncIterator[Chunk]:
+        """Chunks of ``handle``'s stream, read with the async Redis client (see :meth:`InvocationHandle.stream`)."""
         from workers.streams import reader as stream_client
 
         async def finished() -> bool:
             return await asyncio.to_thread(handle._pending.ready)
 
         try:
-            async for chunk in stream_client.astream(handle.id, redis_url=self.sync.settings.redis_url, after=after,
-                                                     finished=finished):
+            async for chunk in stream_client.astream(handle.id, redis_url=self.settings.redis_url, after=after,
+                                                     block_ms=block_ms, finished=finished):
                 yield chunk
         except ProtocolError as exc:
             if exc.detail.get("finished"):
                 await self.result(handle, timeout=30)  # the task's own typed error, if it failed
             raise
 
-    async def list_servers(self, user_id: str | None = None) -> list[GatewayServerInfo]:
-        """Servers the Gateway knows."""
-        return await asyncio.to_thread(self.sync.list_servers, user_id)
+    async def cancel(self, handle: InvocationHandle) -> None:
+        """Cancel ``handle``: queued, it never starts; running, it is interrupted (:meth:`InvocationHandle.cancel`)."""
+        await asyncio.to_thread(handle.cancel)
 
-    async def list_tools(self, server: str | None = None) -> list[GatewayToolInfo]:
-        """Tools of one registry server, or every Gateway tool."""
-        return await asyncio.to_thread(self.sync.list_tools, server)
+    async def state(self, handle: InvocationHandle) -> str:
+        """``handle``'s Celery state (see :attr:`InvocationHandle.state`)."""
+        return await asyncio.to_thread(lambda: handle.state)
+
+    async def list_servers(self, user_id: str | None = None, timeout: float = 30) -> list[GatewayServerInfo]:
+        """Servers the Gateway knows."""
+        return await asyncio.to_thread(self.sync.list_servers, user_id, timeout)
+
+    async def get_server(self, server_id: str, timeout: float = 30) -> GatewayServerInfo | None:
+        """One Gateway server, or None."""
+        return await asyncio.to_thread(self.sync.get_server, server_id, timeout)
+
+    async def list_tools(self, server: str | None = None, timeout: float = 30, *,
+                         token: str | None = None) -> list[GatewayToolInfo]:
+        """Tools of one registry server, or every Gateway tool (``token``: for a server with a policy)."""
+        return await asyncio.to_thread(self.sync.list_tools, server, timeout, token=token)
+
+    async def health(self, timeout: float = 30) -> dict[str, Any]:
+        """A worker's view of the Gateway and its transports."""
+        return await asyncio.to_thread(self.sync.health, timeout)
 
     async def close(self) -> None:
-        """Release connections."""
+        """Release the broker and backend connections."""
         await asyncio.to_thread(self.sync.close)

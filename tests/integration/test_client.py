@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from config.settings import Settings
 from devkit.stack import DevStack, Proc
 from workers import AsyncSarkClient, AuthorizationDenied, Cancelled, InvocationResult, SarkClient
+from workers.client import InvocationHandle
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -43,15 +45,20 @@ def test_stream_through_the_handle(client: SarkClient, user_token: str) -> None:
     assert handle.result(timeout=30).chunks == 4
 
 
-def test_cancel_running_invocation(client: SarkClient, user_token: str) -> None:
-    handle = client.invoke("echo", "sleep", {"seconds": 20}, token=user_token, timeout=25)
+def _wait_until_running(client: SarkClient, handle: InvocationHandle) -> None:
+    """Until ``handle`` is on a worker (STARTED is not stored: ask the workers), 10 s at most."""
     deadline = time.monotonic() + 10
     while handle.state == "PENDING" and time.monotonic() < deadline:
-        time.sleep(0.05)  # let it start (STARTED is not stored: wait until it is on a worker)
+        time.sleep(0.05)
         if handle.state == "PENDING":
-            inspect = client.app.control.inspect(timeout=0.5).active() or {}
-            if any(t["id"] == handle.id for tasks in inspect.values() for t in tasks):
+            active = client.app.control.inspect(timeout=0.5).active() or {}
+            if any(t["id"] == handle.id for tasks in active.values() for t in tasks):
                 break
+
+
+def test_cancel_running_invocation(client: SarkClient, user_token: str) -> None:
+    handle = client.invoke("echo", "sleep", {"seconds": 20}, token=user_token, timeout=25)
+    _wait_until_running(client, handle)
     started = time.monotonic()
     handle.cancel()
     with pytest.raises(Cancelled):
@@ -76,8 +83,48 @@ def test_async_client(stack: DevStack, user_token: str, worker: Proc) -> None:
     assert seqs == [0, 1, 2]
 
 
+def test_async_client_has_every_method_of_the_sync_client_and_handle() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
+    # The handle's own operations are client methods taking the handle; its id needs no waiting.
+    assert public(SarkClient) | (public(InvocationHandle) - {"id"}) <= public(AsyncSarkClient)
+    for name in public(SarkClient) - {"settings", "app"}:
+        sync = inspect.signature(getattr(SarkClient, name))
+        asynchronous = inspect.signature(getattr(AsyncSarkClient, name))
+        assert sync.parameters.keys() == asynchronous.parameters.keys(), name
+        assert [p.default for p in sync.parameters.values()] == [p.default for p in asynchronous.parameters.values()]
+        assert inspect.iscoroutinefunction(getattr(AsyncSarkClient, name)), name
+
+
+def test_async_client_discovery_health_and_cancel(stack: DevStack, user_token: str, worker: Proc) -> None:
+    async def scenario() -> None:
+        client = AsyncSarkClient(Settings())
+        try:
+            servers = await client.list_servers(timeout=30)
+            assert {s.server_id for s in servers} >= {"echo", "restricted"}
+            echo = await client.get_server("echo", timeout=30)
+            assert echo is not None and echo.server_id == "echo"
+            assert await client.get_server("nope") is None
+            assert "add" in {t.tool_name for t in await client.list_tools("echo", token=user_token)}
+            assert (await client.health(timeout=30))["gateway"] is True
+
+            handle = await client.invoke("echo", "sleep", {"seconds": 20}, token=user_token, timeout=25)
+            await asyncio.to_thread(_wait_until_running, client.sync, handle)
+            assert await client.state(handle) not in {"SUCCESS", "FAILURE", "REVOKED"}
+            started = time.monotonic()
+            await client.cancel(handle)
+            with pytest.raises(Cancelled):
+                await client.result(handle, timeout=15)
+            assert time.monotonic() - started < 10  # interrupted, not waited out
+            assert await client.state(handle) in {"FAILURE", "REVOKED"}
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_stream_of_a_task_that_failed_before_streaming_raises_at_once(client: SarkClient) -> None:
-    from workers.client import InvocationHandle
     from workers.contract import TASK_INVOKE
     from workers.errors import SarkError
 
