@@ -13,6 +13,41 @@ reasons measured or required by the worker:
 * exit, garbage on stdout and oversized unattributable output end the connection at once with a typed
   :attr:`StdioPipe.failure`, so pending calls fail now instead of at their timeout;
 * shutdown is close stdin → SIGTERM to the group → SIGKILL, each after ``stop_grace``, then reaped.
+
+Upstream issue (mcp python-sdk)
+-------------------------------
+Text to file at modelcontextprotocol/python-sdk; once a release reads stdout linearly (and can cap a
+line), :class:`StdioPipe` can shrink to what the SDK's ``stdio_client`` lacks (launcher, caps)::
+
+    stdio_client: reading one long line from the server is quadratic in its length
+
+    mcp 2.3.0, mcp/client/stdio.py, stdout_reader():
+
+        buffer = ""
+        async for chunk in stdout:                   # TextReceiveStream, <= 64 KiB per chunk
+            lines = (buffer + chunk).split("\n")
+            buffer = lines.pop()
+
+    For a line of n bytes every chunk copies and re-scans the whole partial line: about n/65536
+    copies of up to n characters, O(n^2 / 65536). A tool result of a few MB (a file, an image in
+    base64, a big table) is one JSON-RPC line.
+
+    Reproduction (one process, no MCP server needed): a child writes one line of n bytes; read it
+    with anyio.open_process + TextReceiveStream + the loop above, vs asyncio's stdout.read(65536)
+    with a splitter that only scans each new chunk. Measured (Python 3.11, 2 cores):
+        10 MB line over a pipe: SDK loop 385-760 ms, chunk-scanning splitter 52-56 ms
+        20 MB line over a pipe: SDK loop 1350-2840 ms, chunk-scanning splitter 88-119 ms
+        CPU only, 10 MB in 153 chunks: 280 ms vs 12 ms; 20 MB in 306 chunks: 1160 ms vs 24 ms
+    (twice the line, four times the time). End to end through a real server, a 16 MB result took
+    8-11 s. There is also no upper bound on a line: a server can grow the buffer until the
+    client runs out of memory.
+
+    Proposed fix: search only the new chunk for "\n"; keep the pending pieces of an unfinished
+    line in a list (or bytearray) and join them once, when its newline arrives; read bytes and
+    decode one complete line at a time (UTF-8 cannot contain b"\n" inside a character, so the
+    incremental decoder is not needed). Optionally StdioServerParameters.max_line_bytes: past it,
+    skip to the next newline and answer the request it belonged to with an error, rather than
+    buffering without limit.
 """
 
 from __future__ import annotations
@@ -28,15 +63,18 @@ import sys
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import mcp_types as types
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from mcp.client._transport import TransportStreams
 from mcp.shared.message import SessionMessage
 
 from config.registry import StdioLimits, StdioServer, UnsetVariable
 from workers.errors import PayloadTooLarge, ProtocolError, SarkError, ServerCrashed
+
+if TYPE_CHECKING:
+    from mcp.client._transport import TransportStreams  # the SDK exports no public name for the pair
 
 __all__ = ["OUTPUT_TOO_LARGE", "LineSplitter", "StdioPipe", "child_environment", "launch_argv"]
 
