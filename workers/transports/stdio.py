@@ -1,16 +1,12 @@
 """stdio transport: warm MCP server processes owned by the worker, spoken to with the official ``mcp`` SDK.
 
-Every registry ``transport: stdio`` server gets one :class:`ServerPool` per worker process. The
-pool keeps at most one live *generation* (one process + one ``mcp.Client`` session), shared by
-all concurrent calls of that process, started on first use (or at worker start when ``eager``).
-
-Each generation has an owner task on the runtime loop that enters and leaves the ``mcp.Client``
-(anyio contexts must be entered and exited by the same task); calls run from other tasks. The
-owner stops its generation when the worker closes, when the server dies or breaks the protocol,
-after ``max_calls`` calls (once the last one finished) or after ``idle_timeout`` without calls.
-A crash fails the calls in flight at once (the SDK wakes pending requests when stdout ends) with
-the pipe's typed error; the next call starts a new generation, after a backoff that doubles with
-each consecutive failure (0.25 s … 30 s) and resets on a successful call.
+Every registry ``transport: stdio`` server gets one :class:`ServerPool` per worker process: a
+:class:`~workers.transports.session_pool.SessionPool` of :class:`StdioPipe` connections, which keeps
+at most one live *generation* (one process + one ``mcp.Client`` session), shared by all concurrent
+calls of that process, started on first use (or at worker start when ``eager``), recycled after the
+entry's ``max_calls`` calls or ``idle_timeout`` without calls, and restarted after a backoff when
+the server dies or breaks the protocol. A crash fails the calls in flight at once (the SDK wakes
+pending requests when stdout ends) with the pipe's typed error.
 
 Errors: a server that cannot start or exits → ``ServerCrashed`` (also: a ``${NAME}`` of its ``env`` not
 set, an unknown ``user``/``group``, a kill by a resource limit such as SIGXCPU); garbage on stdout → ``ProtocolError``;
@@ -26,16 +22,12 @@ Progress notifications become stream chunks through a bounded queue per call: a 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import mcp_types as types
-from mcp import Client
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
@@ -52,16 +44,14 @@ from workers.errors import (
 )
 from workers.models import Chunk, GatewayToolInfo
 from workers.transports.base import BuildContext, Call, ChunkSink, ToolOutcome
+from workers.transports.session_pool import LIST_PAGES_MAX, Generation, PoolSettings, SessionPool
 from workers.transports.stdio_process import OUTPUT_TOO_LARGE, StdioPipe
 
 __all__ = ["ServerPool", "StdioTransport", "build"]
 
 log = logging.getLogger("sark.stdio")
 
-_BACKOFF_BASE = 0.25
-_BACKOFF_MAX = 30.0
-_LIST_PAGES_MAX = 100
-_CLIENT_INFO = types.Implementation(name="sark-workers", version="0.1.0")
+_LIST_PAGES_MAX = LIST_PAGES_MAX
 _ENVELOPE = 65_536
 # Progress notifications waiting for a slow sink (Redis) per call; past these, the newest replaces the rest.
 _PROGRESS_PENDING = 256
@@ -75,30 +65,10 @@ def stdio_server(server: ServerBase) -> StdioServer:
     return server
 
 
-@dataclass(eq=False)
-class _Generation:
-    """One server process and its session."""
-
-    number: int
-    pipe: StdioPipe
-    ready: asyncio.Future[Client]
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    owner: asyncio.Task[None] | None = None
-    calls: int = 0
-    inflight: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    retiring: bool = False
-    ended: bool = False
-    stop_reason: str = ""
-
-    def retire(self, reason: str) -> None:
-        if not self.retiring:
-            self.retiring, self.stop_reason = True, reason
-        self.wake.set()
-
-
 class ServerPool:
-    """The warm session of one stdio server in this worker process.
+    """The warm session of one stdio server in this worker process: a
+    :class:`~workers.transports.session_pool.SessionPool` of :class:`StdioPipe` connections, with the
+    entry's recycle settings, and this transport's calls and error wording.
 
     Args:
         server: The registry entry.
@@ -108,118 +78,24 @@ class ServerPool:
 
     def __init__(self, server: StdioServer, *, max_output_bytes: int, environ: Mapping[str, str]) -> None:
         self.server = server
-        self._environ = environ
-        self._max_line = (server.max_output_bytes or max_output_bytes) + _ENVELOPE
-        self._gen: _Generation | None = None
-        self._numbers = itertools.count(1)
-        self._failures = 0
-        self._retry_at = 0.0
-        self._slots = asyncio.Semaphore(server.max_concurrency)
-        self._live: set[_Generation] = set()
-        self._closed = False
+        max_line = (server.max_output_bytes or max_output_bytes) + _ENVELOPE
+        settings = PoolSettings(startup_timeout=server.startup_timeout, max_calls=server.max_calls,
+                                idle_timeout=server.idle_timeout, max_concurrency=server.max_concurrency)
+        self._sessions: SessionPool[StdioPipe] = SessionPool(
+            lambda: StdioPipe(server, max_line_bytes=max_line, environ=environ), name=server.name,
+            settings=settings, startup_error=self._startup_error, kind="stdio")
 
     @property
     def pid(self) -> int | None:
         """Pid of the live server process, if any."""
-        gen = self._gen
-        return gen.pipe.pid if gen and not gen.ended else None
-
-    # -- generations --------------------------------------------------------------------------
-    def _current(self) -> _Generation:
-        """The generation new calls use, starting one when needed (no await: atomic on the loop)."""
-        if self._closed:
-            raise ServerCrashed(f"stdio server {self.server.name!r}: the worker is shutting down")
-        gen = self._gen
-        max_calls = self.server.max_calls
-        spent = bool(max_calls and gen is not None and gen.calls >= max_calls)
-        if gen is not None and not (gen.retiring or gen.ended or gen.pipe.dead.is_set() or spent):
-            return gen
-        if gen is not None:
-            gen.retire("max_calls reached" if spent else "replaced")
-        delay = max(0.0, self._retry_at - time.monotonic())
-        loop = asyncio.get_running_loop()
-        pipe = StdioPipe(self.server, max_line_bytes=self._max_line, environ=self._environ)
-        gen = _Generation(next(self._numbers), pipe, loop.create_future())
-        gen.ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
-        gen.owner = loop.create_task(self._own(gen, delay), name=f"stdio-owner-{self.server.name}-{gen.number}")
-        self._live.add(gen)
-        self._gen = gen
-        return gen
+        return self._sessions.pid
 
     def start(self) -> None:
         """Start the server now (in the background) if no generation runs."""
-        self._current()
+        self._sessions.start()
 
-    async def _own(self, gen: _Generation, delay: float) -> None:
-        """Owner task: enter the session, keep it until told to stop, leave it (same task)."""
+    def _startup_error(self, pipe: StdioPipe, exc: BaseException) -> SarkError:
         name = self.server.name
-        try:
-            if delay:
-                log.info("stdio server %s: restarting in %.2fs", name, delay, extra={"stdio_server": name})
-                await asyncio.sleep(delay)
-            started = time.perf_counter()
-            client = Client(gen.pipe, mode="auto", cache=None, client_info=_CLIENT_INFO)
-            try:
-                async with asyncio.timeout(self.server.startup_timeout):
-                    await client.__aenter__()
-                    await _absorb_tools(client)
-            except BaseException as exc:
-                error = self._startup_error(gen, exc)
-                self._failed()
-                if not gen.ready.done():
-                    gen.ready.set_exception(error)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                return
-            log.info("stdio server %s ready in %.0f ms (pid %s, protocol %s)", name,
-                     1000 * (time.perf_counter() - started), gen.pipe.pid, client.protocol_version,
-                     extra={"stdio_server": name, "server_pid": gen.pipe.pid})
-            # Idle time counts from readiness: a start slower than idle_timeout (seen: 1.5 s on a slow
-            # machine) would otherwise retire the generation before the calls waiting for it could run.
-            gen.last_used = time.monotonic()
-            gen.ready.set_result(client)
-            try:
-                await self._hold(gen)
-            finally:
-                gen.ended = True
-                await client.__aexit__(None, None, None)
-        finally:
-            gen.ended = True
-            if not gen.ready.done():
-                gen.ready.set_exception(ServerCrashed(f"stdio server {name!r} stopped before it was ready"))
-            self._live.discard(gen)
-            if self._gen is gen:
-                self._gen = None
-
-    async def _hold(self, gen: _Generation) -> None:
-        """Wait until the generation must stop: closed, dead, drained after retirement, or idle."""
-        idle = self.server.idle_timeout
-        dead = asyncio.ensure_future(gen.pipe.dead.wait())
-        try:
-            while True:
-                if self._closed:
-                    return
-                if gen.pipe.dead.is_set():
-                    if not self._closed and gen.pipe.failure is not None:
-                        self._failed()
-                    return
-                if gen.retiring and gen.inflight == 0:
-                    log.info("stdio server %s: recycling (%s)", self.server.name, gen.stop_reason,
-                             extra={"stdio_server": self.server.name})
-                    return
-                if idle and gen.inflight == 0 and time.monotonic() - gen.last_used >= idle:
-                    gen.retire("idle")
-                    continue
-                gen.wake.clear()
-                timeout = None if not idle else max(0.01, gen.last_used + idle - time.monotonic())
-                woke = asyncio.ensure_future(gen.wake.wait())
-                await asyncio.wait({dead, woke}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                woke.cancel()
-        finally:
-            dead.cancel()
-
-    def _startup_error(self, gen: _Generation, exc: BaseException) -> SarkError:
-        name, pipe = self.server.name, gen.pipe
         if pipe.failure is not None:
             return pipe.failure
         if isinstance(exc, TimeoutError):
@@ -233,23 +109,10 @@ class ServerPool:
         return ProtocolError(f"stdio server {name!r} failed the MCP handshake: {type(exc).__name__}: {exc}",
                              {"server": name, "phase": "initialize"})
 
-    def _failed(self) -> None:
-        self._failures += 1
-        self._retry_at = time.monotonic() + min(_BACKOFF_BASE * 2 ** (self._failures - 1), _BACKOFF_MAX)
-
-    # -- calls --------------------------------------------------------------------------------
-    async def _session(self) -> tuple[_Generation, Client]:
-        gen = self._current()
-        client = await asyncio.shield(gen.ready)
-        if gen.pipe.dead.is_set():  # died between becoming ready and now
-            gen = self._current()
-            client = await asyncio.shield(gen.ready)
-        return gen, client
-
-    def _error(self, gen: _Generation, exc: MCPError) -> SarkError:
-        name = self.server.name
+    def _error(self, gen: Generation[StdioPipe], exc: MCPError) -> SarkError:
+        name, pipe = self.server.name, gen.connection
         if exc.code == types.CONNECTION_CLOSED:
-            return gen.pipe.failure or ServerCrashed(f"stdio server {name!r} closed the connection", {"server": name})
+            return pipe.failure or ServerCrashed(f"stdio server {name!r} closed the connection", {"server": name})
         if exc.code == OUTPUT_TOO_LARGE:
             data = exc.error.data if isinstance(exc.error.data, dict) else {}
             return PayloadTooLarge(f"stdio server {name!r}: {exc.error.message}",
@@ -268,20 +131,13 @@ class ServerPool:
             SarkError: see the module docstring.
         """
         forwarder = _ProgressForwarder(sink) if sink is not None else None
-        gen: _Generation | None = None
+        gen: Generation[StdioPipe] | None = None
         try:
-            async with asyncio.timeout(timeout), self._slots:
-                gen, client = await self._session()
-                gen.calls += 1
-                gen.inflight += 1
-                try:
+            async with asyncio.timeout(timeout), self._sessions.slots:
+                gen, client = await self._sessions.session()
+                async with gen.use():
                     result = await client.call_tool(
                         tool, arguments, progress_callback=forwarder.on_progress if forwarder else None)
-                finally:
-                    gen.inflight -= 1
-                    gen.last_used = time.monotonic()
-                    if gen.retiring:  # the owner waits for the last call of a retiring generation;
-                        gen.wake.set()  # otherwise it wakes by itself when the idle time may be up
                 if forwarder is not None:
                     await forwarder.drain()
                     if forwarder.coalesced:
@@ -299,7 +155,7 @@ class ServerPool:
         finally:
             if forwarder is not None:
                 forwarder.close()
-        self._failures = 0
+        self._sessions.succeeded()
         data = result.model_dump(mode="json", by_alias=True, exclude_none=True)
         return ToolOutcome(result=data, is_error=bool(result.is_error), chunks=forwarder.count if forwarder else 0)
 
@@ -307,10 +163,10 @@ class ServerPool:
         """Every tool of the server, following ``nextCursor`` pages."""
         name = self.server.name
         tools: list[GatewayToolInfo] = []
-        gen: _Generation | None = None
+        gen: Generation[StdioPipe] | None = None
         try:
             async with asyncio.timeout(timeout):
-                gen, client = await self._session()
+                gen, client = await self._sessions.session()
                 cursor: str | None = None
                 for _ in range(_LIST_PAGES_MAX):
                     page = await client.list_tools(cursor=cursor)
@@ -329,24 +185,7 @@ class ServerPool:
 
     async def close(self) -> None:
         """Stop every generation (calls still in flight fail) and wait until its process is gone."""
-        self._closed = True
-        live = list(self._live)
-        for gen in live:
-            gen.retire("worker shutdown")
-        await asyncio.gather(*(gen.owner for gen in live if gen.owner is not None), return_exceptions=True)
-
-
-async def _absorb_tools(client: Client) -> None:
-    """List the tools once, so the SDK can check structured results against their output schemas."""
-    cursor: str | None = None
-    for _ in range(_LIST_PAGES_MAX):
-        try:
-            page = await client.list_tools(cursor=cursor)
-        except MCPError:
-            return  # a server without tools/list can still be called
-        cursor = page.next_cursor
-        if not cursor:
-            return
+        await self._sessions.close()
 
 
 def _tool_info(server: str, tool: types.Tool) -> GatewayToolInfo:
