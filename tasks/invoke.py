@@ -31,6 +31,7 @@ from workers.errors import (
     AlreadyRunning,
     Cancelled,
     CircuitOpen,
+    DiscoveryTimeout,
     InternalError,
     InvalidInvocation,
     InvocationTimeout,
@@ -68,12 +69,17 @@ _LEASE_WAITS_HEADER = "sark_lease_waits"
 _LEASE_ATTR = "sark_lease"
 
 
-def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-    """Run a discovery/operator coroutine; its errors leave scrubbed, never chained, never untyped."""
+def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float,
+         late: type[SarkError] = DiscoveryTimeout) -> T:
+    """Run a discovery/operator coroutine; its errors leave scrubbed, never chained, never untyped.
+
+    Raises:
+        SarkError: the coroutine's, or ``late`` when it has not finished within ``timeout``.
+    """
     try:
         return runtime.loop.run(coro, timeout=timeout)
     except TimeoutError:
-        raise InvocationTimeout(f"no result within {timeout:g}s") from None
+        raise late(f"no result within {timeout:g}s") from None
     except SarkError as exc:
         raise scrub_error(exc) from None
     except Exception as exc:
@@ -245,7 +251,7 @@ def breakers(self: Task, action: str = "list", target: str | None = None) -> lis
         key = runtime.settings.operator_key
         check_operator_signature(_header(self, OPERATOR_HEADER), key=key.get_secret_value() if key else None,
                                  task_id=str(self.request.id), action=str(action), target=target)
-    return _run(runtime, breaker_command(runtime.breakers, action, target), _WAIT_MARGIN + 5.0)
+    return _run(runtime, breaker_command(runtime.breakers, action, target), _WAIT_MARGIN + 5.0, StoreUnavailable)
 
 
 def _discovery_wait(runtime: Runtime) -> float:

@@ -20,8 +20,8 @@ from workers.errors import (
     InternalError,
     InvalidInvocation,
     InvocationTimeout,
-    PayloadTooLarge,
     ProtocolError,
+    ResultTooLarge,
     SarkError,
     UnknownServer,
 )
@@ -255,8 +255,8 @@ async def _execute(
     outcome = await runtime.breakers.call(server, carry_out, lease=lease)
     duration_ms = (time.perf_counter() - started) * 1000.0
     size = json_size(outcome.result)
-    if size > settings.max_result_bytes:
-        raise PayloadTooLarge(
+    if size > settings.max_result_bytes:  # after the breaker's verdict: the target answered (errors.FAILURES)
+        raise ResultTooLarge(
             f"result is {size} bytes, limit is {settings.max_result_bytes}",
             {"limit": settings.max_result_bytes, "size": size, "what": "result"},
         )

@@ -18,12 +18,12 @@ from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc
 from tests.helpers import invoke, redis_values, settings_with, token_headers
 from workers.contract import TASK_GET_SERVER, TASK_INVOKE, TASK_LIST_TOOLS, TOKEN_HEADER
 from workers.errors import (
+    AuthenticationFailed,
     InvalidInvocation,
     InvalidToken,
     PayloadTooLarge,
     SarkError,
     TokenExpired,
-    ToolError,
     UnknownServer,
 )
 
@@ -95,9 +95,9 @@ def test_token_checks_at_dequeue(celery_client: Celery) -> None:
     with pytest.raises(TokenExpired) as info:
         invoke(celery_client, "echo", "echo", token=expired)
     assert info.value.detail["expired_for"] >= 29
-    with pytest.raises(ToolError) as denied:
+    with pytest.raises(AuthenticationFailed) as denied:
         invoke(celery_client, "echo", "echo", token="not-a-jwt")  # opaque: the Gateway decides (401)
-    assert denied.value.status_code == 401
+    assert denied.value.detail["status_code"] == 401
     with pytest.raises(InvalidToken, match="could not be opened"):
         celery_client.send_task(TASK_INVOKE, kwargs={"invocation": OK},
                                 headers={TOKEN_HEADER: "fernet:gAAAAABnot-really"}).get(timeout=30)

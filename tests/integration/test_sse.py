@@ -13,7 +13,7 @@ from celery import Celery
 from devkit.stack import DevStack
 from tests.conftest import GatewayControl
 from tests.helpers import send_invoke, token_headers
-from workers.errors import PayloadTooLarge, ProtocolError, ToolError, UnknownServer
+from workers.errors import ProtocolError, ResultTooLarge, ToolError, UnknownServer
 from workers.keys import stream_key
 from workers.models import Chunk
 from workers.streams import reader as stream_client
@@ -172,10 +172,10 @@ def test_stream_limits_keep_redis_bounded(stack: DevStack, celery_client: Celery
             headers=token_headers(user_token, task_id),
             queue="sark.limited",
         )
-        with pytest.raises(PayloadTooLarge, match="100 chunks"):
+        with pytest.raises(ResultTooLarge, match="100 chunks"):
             pending.get(timeout=WAIT)
     seen = 0
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ResultTooLarge):
         for _ in stream_client.stream(pending.id, idle_timeout=WAIT):
             seen += 1
     assert seen == 100

@@ -22,7 +22,7 @@ from config.registry import GatewayServer
 from config.settings import Settings
 from devkit.stack import wait_for
 from tests.helpers import http_server
-from workers.errors import PayloadTooLarge, ProtocolError, ToolError
+from workers.errors import ResultTooLarge, ToolError
 from workers.gateway.backend import asyncio_pool
 from workers.gateway.client import GatewayClient
 from workers.gateway.post import ERROR_BODY_BYTES, JsonPost
@@ -155,14 +155,14 @@ async def _discover(url: str, mode: str) -> object:
 @pytest.mark.parametrize("mode", ["noline", "nodispatch"])
 def test_sse_event_that_never_ends_is_cut_at_the_cap(url: str, mode: str) -> None:
     _Flood.sent.pop(mode, None)
-    with pytest.raises(ProtocolError, match=f"SSE event or line over {LIMIT + EVENT_OVERHEAD} bytes"):
+    with pytest.raises(ResultTooLarge, match=f"SSE event or line over {LIMIT + EVENT_OVERHEAD} bytes"):
         _bounded(_stream(url, mode))
     _cut_off(mode)
 
 
 def test_sse_json_answer_is_capped(url: str) -> None:
     _Flood.sent.pop("json", None)
-    with pytest.raises(ProtocolError, match=f"more than {LIMIT} bytes"):
+    with pytest.raises(ResultTooLarge, match=f"result exceeds {LIMIT} bytes"):  # as over HTTP
         _bounded(_stream(url, "json"))
     _cut_off("json")
 
@@ -188,14 +188,14 @@ def test_sse_done_event_cap_counts_bytes(url: str) -> None:
         finally:
             await client.close()
 
-    with pytest.raises(ProtocolError, match="'done' event is 129 bytes"):
+    with pytest.raises(ResultTooLarge, match="'done' event is 129 bytes"):
         asyncio.run(small())
 
 
 @pytest.mark.parametrize("mode", ["json", "declared", "bomb"])
 def test_discovery_body_is_capped(url: str, mode: str) -> None:
     _Flood.sent.pop(mode, None)
-    with pytest.raises(PayloadTooLarge, match=f"exceeds {LIMIT} bytes"):
+    with pytest.raises(ResultTooLarge, match=f"exceeds {LIMIT} bytes"):
         _bounded(_discover(url, mode))
     if mode != "bomb":
         _cut_off(mode)
@@ -221,7 +221,7 @@ def test_invoke_error_body_is_read_only_for_its_message(url: str, mode: str) -> 
 
     _Flood.sent.pop(mode, None)
     status, body = _bounded(post())
-    assert status in (500, 503)  # the status, not PayloadTooLarge: a 5xx stays a 5xx for retries and breakers
+    assert status in (500, 503)  # the status, not ResultTooLarge: a 5xx stays a 5xx for retries and breakers
     assert len(body) == ERROR_BODY_BYTES
     _cut_off(mode)
 
@@ -253,7 +253,7 @@ def test_bounded_lines_split_like_httpx_sse_wherever_the_pieces_break() -> None:
 def test_bounded_lines_count_the_bytes_of_an_event_across_its_lines() -> None:
     two_events = (b"data: 12345\ndata: 6\n\n", b"data: 12345\n\n")  # 18 bytes, then 11
     assert asyncio.run(_lines(18, *two_events)) == ["data: 12345", "data: 6", "", "data: 12345", ""]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ResultTooLarge):
         asyncio.run(_lines(17, *two_events))
-    with pytest.raises(ProtocolError):  # 10 characters, 14 bytes
+    with pytest.raises(ResultTooLarge):  # 10 characters, 14 bytes
         asyncio.run(_lines(13, "data: éééé\n\n".encode()))

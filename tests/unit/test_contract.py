@@ -15,8 +15,8 @@ from workers.models import Chunk, parse_invocation
 
 PUBLIC_API = {
     "TASK_BREAKERS", "TASK_GET_SERVER", "TASK_HEALTH", "TASK_INVOKE", "TASK_LIST_SERVERS", "TASK_LIST_TOOLS",
-    "TOKEN_HEADER", "OPERATOR_HEADER", "AlreadyRunning", "AsyncSarkClient", "AuthorizationDenied", "Cancelled",
-    "Chunk", "CircuitOpen",
+    "TOKEN_HEADER", "OPERATOR_HEADER", "AlreadyRunning", "AsyncSarkClient", "AuthenticationFailed",
+    "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen", "DiscoveryTimeout", "ResultTooLarge",
     "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InternalError", "InvalidInvocation",
     "InvalidToken", "Invocation",
     "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
@@ -48,6 +48,9 @@ def test_task_names_are_stable() -> None:
         errors.AlreadyRunning("invocation x is being carried out by another worker; this delivery waits for it",
                               {"request_id": "x", "retry_after": 7.5}),
         errors.PayloadTooLarge("big", {"limit": 10, "size": 11}),
+        errors.ResultTooLarge("result is 11 bytes, limit is 10", {"limit": 10, "size": 11, "what": "result"}),
+        errors.AuthenticationFailed("Authentication failed: invalid token", {"status_code": 401}),
+        errors.DiscoveryTimeout("Gateway did not answer GET /tools within 5s"),
         errors.ServerCrashed("died"),
         errors.InvalidToken("the token is empty"),
         errors.StoreUnavailable("cannot publish to stream", {"what": "stream", "reached_target": False}),
@@ -67,7 +70,9 @@ def test_errors_survive_celery_json_backend(exc: errors.SarkError) -> None:
 
 
 def test_error_classification() -> None:
-    assert errors.InvocationTimeout("t").status_code == 504
+    assert issubclass(errors.InvocationTimeout, errors.TransportError)
+    assert not issubclass(errors.InvocationTimeout, errors.ToolError)
+    assert errors.InvocationTimeout("t").counts_as_failure
     assert errors.ToolError("x", status_code=503).counts_as_failure
     assert not errors.ToolError("x", status_code=404).counts_as_failure
     assert errors.GatewayUnavailable("x").counts_as_failure

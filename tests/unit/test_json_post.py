@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.helpers import http_server
-from workers.errors import GatewayUnavailable, PayloadTooLarge, ProtocolError
+from workers.errors import GatewayUnavailable, ProtocolError, ResultTooLarge
 from workers.gateway.backend import asyncio_pool
 from workers.gateway.post import JsonPost
 
@@ -110,9 +110,9 @@ def test_gzip_and_chunked_answers_are_decoded(base_url: str) -> None:
 @pytest.mark.parametrize(
     ("path", "max_bytes", "error"),
     [
-        ("/invoke", 1_000, PayloadTooLarge),  # declared Content-Length over the cap
-        ("/invoke/chunked", 1_000, PayloadTooLarge),  # no length: counted as it arrives
-        ("/invoke/bomb", 1_000_000, PayloadTooLarge),  # 50 MB of zeros in 50 KB of gzip: never inflated
+        ("/invoke", 1_000, ResultTooLarge),  # declared Content-Length over the cap
+        ("/invoke/chunked", 1_000, ResultTooLarge),  # no length: counted as it arrives
+        ("/invoke/bomb", 1_000_000, ResultTooLarge),  # 50 MB of zeros in 50 KB of gzip: never inflated
         ("/invoke/corrupt", None, ProtocolError),
         ("/invoke/truncated", None, ProtocolError),
         ("/invoke/brotli", None, ProtocolError),  # not asked for

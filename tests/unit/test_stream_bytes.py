@@ -11,7 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from workers.errors import PayloadTooLarge
+from workers.errors import ResultTooLarge
 from workers.keys import stream_key
 from workers.models import Chunk
 from workers.streams.publisher import StreamPublisher
@@ -35,7 +35,7 @@ async def _publish_one(redis_url: str, request_id: str, max_bytes: int) -> None:
 
 def test_multibyte_chunk_counts_its_bytes(redis_url: str) -> None:
     assert (len(STORED), len(STORED.encode())) == (48, 128)
-    with pytest.raises(PayloadTooLarge) as caught:  # 48 characters would pass a cap of 127
+    with pytest.raises(ResultTooLarge) as caught:  # 48 characters would pass a cap of 127
         asyncio.run(_publish_one(redis_url, str(uuid.uuid4()), max_bytes=127))
     assert caught.value.to_dict()["what"] == "stream_bytes"
 

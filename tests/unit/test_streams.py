@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent
 
 from devkit.stack import DevStack
-from workers.errors import AuthorizationDenied, Cancelled, PayloadTooLarge, ProtocolError, ToolError
+from workers.errors import AuthorizationDenied, Cancelled, ProtocolError, ResultTooLarge, ToolError
 from workers.keys import stream_key
 from workers.models import Chunk
 from workers.streams import reader as stream_client
@@ -81,11 +81,11 @@ def test_redelivered_invocation_publishes_nothing_twice(redis_url: str, sync_red
 
 
 def test_limits_refuse_chunks_before_buffering(redis_url: str) -> None:
-    with pytest.raises(PayloadTooLarge, match="5 chunks"):
+    with pytest.raises(ResultTooLarge, match="5 chunks"):
         asyncio.run(_publish(redis_url, str(uuid.uuid4()), 6, max_chunks=5))
-    with pytest.raises(PayloadTooLarge, match="bytes"):
+    with pytest.raises(ResultTooLarge, match="bytes"):
         asyncio.run(_publish(redis_url, str(uuid.uuid4()), 100, max_bytes=200))
-    with pytest.raises(PayloadTooLarge, match="9 chunks"):  # never more chunks than MAXLEN keeps
+    with pytest.raises(ResultTooLarge, match="9 chunks"):  # never more chunks than MAXLEN keeps
         asyncio.run(_publish(redis_url, str(uuid.uuid4()), 20, maxlen=10))
 
 

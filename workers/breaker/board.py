@@ -20,8 +20,9 @@ with a warning). ``SARK_BREAKER_ENABLED=false`` turns every breaker off.
 at ``fail_max``; *open* fails calls fast with :class:`~workers.errors.CircuitOpen` (no network call)
 until ``reset_timeout`` has passed; then *half-open* lets exactly ONE trial call through, fleet-wide,
 whose success closes the breaker and whose failure opens it again. Only errors whose
-``counts_as_failure`` is true count (transport failures, timeouts, 5xx); authorization denials,
-invalid invocations, 4xx and a tool's own ``isError`` count as successes (the target answered).
+``counts_as_failure`` is true count (transport failures, timeouts, 5xx; the table is
+:data:`workers.errors.FAILURES`); authentication and authorization refusals, invalid invocations, 4xx,
+oversized results and a tool's own ``isError`` count as successes (the target answered).
 Errors the caller brought on itself (``caller_caused``: a timeout shorter than the operator's for
 that server ran out) count as nothing at all, so no caller can open a breaker for everyone.
 

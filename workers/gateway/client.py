@@ -21,14 +21,15 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from config.settings import Settings
 from workers import __version__
 from workers.errors import (
-    AuthorizationDenied,
+    DiscoveryTimeout,
     GatewayUnavailable,
     InvalidInvocation,
     InvocationTimeout,
-    PayloadTooLarge,
     ProtocolError,
+    ResultTooLarge,
     SarkError,
     ToolError,
+    status_error,
 )
 from workers.gateway.backend import asyncio_pool, transport_on
 from workers.gateway.post import ERROR_BODY_BYTES, JsonPost, decoded, read_head, read_limited
@@ -98,7 +99,7 @@ class NoCookies(CookieJar):
 def _is_retryable_discovery(exc: BaseException) -> bool:
     if isinstance(exc, ToolError):
         return exc.status_code >= 500
-    return isinstance(exc, GatewayUnavailable)
+    return isinstance(exc, GatewayUnavailable | DiscoveryTimeout)
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -148,7 +149,9 @@ class GatewayClient:
         Invocations do not come here: they go through :class:`~workers.gateway.post.JsonPost`.
 
         Raises:
-            PayloadTooLarge: a success body over ``max_result_bytes`` (an error body is cut instead).
+            DiscoveryTimeout: no answer within ``timeout`` (default: ``gateway_timeout``).
+            GatewayUnavailable: the Gateway cannot be reached.
+            ResultTooLarge: a success body over ``max_result_bytes`` (an error body is cut instead).
         """
         request = self.http.build_request(
             method, path, timeout=httpx.Timeout(timeout) if timeout else httpx.USE_CLIENT_DEFAULT,
@@ -163,7 +166,7 @@ class GatewayClient:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as exc:
-            raise InvocationTimeout(
+            raise DiscoveryTimeout(
                 f"Gateway did not answer {what} within {timeout or self._settings.gateway_timeout}s"
             ) from exc
         except httpx.TransportError as exc:
@@ -175,9 +178,9 @@ class GatewayClient:
             return await read_head(pieces, ERROR_BODY_BYTES)
         limit = self._settings.max_result_bytes
 
-        def too_large() -> PayloadTooLarge:
-            return PayloadTooLarge(f"Gateway answer to {what} exceeds {limit} bytes", {"limit": limit,
-                                                                                      "what": "discovery"})
+        def too_large() -> ResultTooLarge:
+            return ResultTooLarge(f"Gateway answer to {what} exceeds {limit} bytes", {"limit": limit,
+                                                                                    "what": "discovery"})
 
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -193,10 +196,10 @@ class GatewayClient:
 
     @staticmethod
     def _raise_for_status(status: int, body: bytes, what: str) -> None:
-        if status == 403:
-            raise AuthorizationDenied(f"Authorization denied: {_error_field(body, 'reason')}", {"status_code": 403})
+        """The error of a status >= 400 (:func:`~workers.errors.status_error`), with the body's message."""
         if status >= 400:
-            raise ToolError(f"{what} failed: {_error_field(body, 'error')}", status_code=status)
+            prefix = {401: "Authentication failed", 403: "Authorization denied"}.get(status, f"{what} failed")
+            raise status_error(status, f"{prefix}: {_error_field(body, 'reason' if status == 403 else 'error')}")
 
     async def _discover(self, call: Callable[[], Any]) -> Any:
         s = self._settings
@@ -280,9 +283,10 @@ class GatewayClient:
         """``POST /invoke``; retried once, and only when the attempt timed out.
 
         Raises:
-            AuthorizationDenied: 403 (never retried).
+            AuthenticationFailed: 401; AuthorizationDenied: 403 (neither retried).
             ToolError: any other status >= 400, carrying it.
-            InvocationTimeout: no answer within ``timeout`` on the last attempt (status 504).
+            InvocationTimeout: no answer within ``timeout`` on the last attempt.
+            ResultTooLarge: a success answer over ``max_bytes``.
             ProtocolError: a success answer that is not a JSON object.
         """
         payload = {"server_id": server_id, "tool_name": tool_name, "parameters": parameters, "request_id": request_id}

@@ -7,12 +7,13 @@ machine). :class:`JsonPost` sends the same request (same headers, body encoding,
 connection pool as the client it comes from) on httpcore directly, which httpx itself uses under that
 layer. Everything else (discovery, health, SSE) keeps using the ``httpx.AsyncClient``.
 
-The answer is read with a size cap (declared ``Content-Length`` first, then as it arrives), gzip is
-accepted and decoded under the same cap, and httpcore's errors become :mod:`workers.errors`:
-timeouts → :class:`InvocationTimeout`; connection and protocol failures → :class:`GatewayUnavailable`.
-An error answer (status >= 400) is only read up to :data:`ERROR_BODY_BYTES`: its message is all that
-is used. The bounded readers (:func:`decoded`, :func:`read_limited`, :func:`read_head`) also serve
-the discovery calls and the SSE transport, which read through httpx.
+The answer is read with a size cap (declared ``Content-Length`` first, then as it arrives; over it:
+:class:`ResultTooLarge`), gzip is accepted and decoded under the same cap, and httpcore's errors become
+:mod:`workers.errors`: timeouts → :class:`InvocationTimeout`; connection and protocol failures →
+:class:`GatewayUnavailable`. An error answer (status >= 400) is only read up to
+:data:`ERROR_BODY_BYTES`: its message is all that is used. The bounded readers (:func:`decoded`,
+:func:`read_limited`, :func:`read_head`) also serve the discovery calls and the SSE transport, which
+read through httpx.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from workers.errors import GatewayUnavailable, InvocationTimeout, PayloadTooLarge, ProtocolError
+from workers.errors import GatewayUnavailable, InvocationTimeout, ProtocolError, ResultTooLarge
 
 __all__ = ["ERROR_BODY_BYTES", "JsonPost", "decoded", "read_head", "read_limited"]
 
@@ -38,12 +39,12 @@ ERROR_BODY_BYTES = 4_096
 _INFLATE_STEP = 65_536
 
 
-def _too_large(limit: int, size: int | None = None) -> PayloadTooLarge:
+def _too_large(limit: int, size: int | None = None) -> ResultTooLarge:
     detail: dict[str, Any] = {"limit": limit, "what": "result"}
     if size is not None:
         detail["size"] = size
-        return PayloadTooLarge(f"result is {size} bytes, limit is {limit}", detail)
-    return PayloadTooLarge(f"result exceeds {limit} bytes", detail)
+        return ResultTooLarge(f"result is {size} bytes, limit is {limit}", detail)
+    return ResultTooLarge(f"result exceeds {limit} bytes", detail)
 
 
 def decoded(raw: AsyncIterable[bytes], encoding: str | bytes) -> AsyncIterable[bytes]:
@@ -133,7 +134,7 @@ class JsonPost:
         Raises:
             InvocationTimeout: connecting, sending or reading took longer than ``timeout`` (each).
             GatewayUnavailable: the connection failed or the answer broke HTTP.
-            PayloadTooLarge: the body (declared, received or decoded) exceeds ``max_bytes``.
+            ResultTooLarge: the body (declared, received or decoded) exceeds ``max_bytes``.
             ProtocolError: an encoding this client did not ask for, or corrupt gzip.
         """
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()

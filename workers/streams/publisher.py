@@ -25,7 +25,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from workers.errors import Cancelled, PayloadTooLarge, SarkError, StoreUnavailable
+from workers.errors import Cancelled, ResultTooLarge, SarkError, StoreUnavailable
 from workers.keys import stream_key
 from workers.models import Chunk
 
@@ -230,20 +230,20 @@ class StreamPublisher:
         """Publish one chunk (renumbered to this invocation's next ``seq``).
 
         Raises:
-            PayloadTooLarge: the stream would exceed ``max_chunks`` or ``max_bytes``.
-            SarkError: an earlier write to Redis failed.
+            ResultTooLarge: the stream would exceed ``max_chunks`` or ``max_bytes``.
+            StoreUnavailable: an earlier write to Redis failed.
         """
         if self._failure is not None:
             raise self._failure
         seq = self.count
         if seq >= self._max_chunks:
-            raise PayloadTooLarge(
+            raise ResultTooLarge(
                 f"stream exceeds {self._max_chunks} chunks", {"limit": self._max_chunks, "what": "stream_chunks"}
             )
         fields = _chunk_fields(chunk if chunk.seq == seq else chunk.model_copy(update={"seq": seq}))
         self._bytes += len(str(fields["data"]).encode())  # UTF-8 bytes, as Redis stores them (not characters)
         if self._bytes > self._max_bytes:
-            raise PayloadTooLarge(
+            raise ResultTooLarge(
                 f"stream data exceeds {self._max_bytes} bytes", {"limit": self._max_bytes, "what": "stream_bytes"}
             )
         self.count += 1
@@ -270,7 +270,7 @@ class StreamPublisher:
             self._failure = exc
             raise
 
-    def _redis_failure(self, exc: RedisError) -> SarkError:
+    def _redis_failure(self, exc: RedisError) -> StoreUnavailable:
         return StoreUnavailable(f"cannot publish to stream {self.key}: {type(exc).__name__}: {exc}",
                                 {"what": "stream", "reached_target": self._opened})
 

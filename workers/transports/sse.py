@@ -13,7 +13,7 @@ told apart after a resume; the Gateway contract gives every data event an id.)
 whole stream. Memory is bounded too: one line or one event may not pass ``max_result_bytes`` plus
 :data:`EVENT_OVERHEAD` bytes (httpx-sse would buffer a line without a newline for ever), a JSON answer
 not ``max_result_bytes``, an error answer is read up to its first ``ERROR_BODY_BYTES``; every
-oversized answer of this transport is a :class:`~workers.errors.ProtocolError`.
+oversized answer is a :class:`~workers.errors.ResultTooLarge`, as over HTTP and stdio.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from httpx_sse._decoders import SSEDecoder
 
 from config.registry import ServerBase
 from workers.errors import (
-    AuthorizationDenied,
     GatewayUnavailable,
     InvocationTimeout,
     ProtocolError,
+    ResultTooLarge,
+    SarkError,
     ToolError,
+    status_error,
 )
 from workers.gateway.client import GatewayClient
 from workers.gateway.post import ERROR_BODY_BYTES, decoded, read_head, read_limited
@@ -72,7 +74,7 @@ async def bounded_lines(pieces: AsyncIterable[bytes], limit: int) -> AsyncGenera
     as they arrive.
 
     Raises:
-        ProtocolError: a line or an event over ``limit`` bytes.
+        ResultTooLarge: a line or an event over ``limit`` bytes.
     """
     buffer = bytearray()
     event = 0  # bytes of the current event's complete lines
@@ -92,7 +94,7 @@ async def bounded_lines(pieces: AsyncIterable[bytes], limit: int) -> AsyncGenera
                 yield line.decode("utf-8", "replace")
             del buffer[:start]
         if event + len(buffer) > limit:
-            raise ProtocolError(f"SSE event or line over {limit} bytes", {"limit": limit, "what": "sse_event"})
+            raise ResultTooLarge(f"SSE event or line over {limit} bytes", {"limit": limit, "what": "sse_event"})
     if buffer.endswith(b"\r"):
         yield bytes(buffer[:-1]).decode("utf-8", "replace")
     # anything else left is an unterminated last line: no event is dispatched without a blank line
@@ -132,7 +134,7 @@ class _Dropped(Exception):
     """The connection ended before ``done`` (resumable)."""
 
 
-def _error_event(sse: ServerSentEvent) -> Exception:
+def _error_event(sse: ServerSentEvent) -> SarkError:
     """The typed error an ``event: error`` carries (JSON ``{"error"|"reason", "status_code"}`` or text)."""
     try:
         body = json.loads(sse.data)
@@ -143,9 +145,8 @@ def _error_event(sse: ServerSentEvent) -> Exception:
         status = status if isinstance(status, int) and 400 <= status <= 599 else 500
         message = body.get("error") or body.get("reason") or body.get("message") or "stream error"
         message = (message if isinstance(message, str) else json.dumps(message))[:ERROR_BODY_BYTES]
-        if status == 403:
-            return AuthorizationDenied(f"Authorization denied: {message}", {"status_code": 403})
-        return ToolError(f"Tool execution failed: {message}", {"event_id": sse.id or None}, status_code=status)
+        prefix = {401: "Authentication failed", 403: "Authorization denied"}.get(status, "Tool execution failed")
+        return status_error(status, f"{prefix}: {message}", {"event_id": sse.id or None})
     text = str(body).strip()[:200] or "no detail"
     return ToolError(f"Tool execution failed: {text}", {"event_id": sse.id or None}, status_code=500)
 
@@ -266,14 +267,13 @@ class SseTransport:
     async def _json_answer(self, response: httpx.Response) -> dict[str, Any]:
         limit = self._max_bytes
 
-        def too_large() -> ProtocolError:
-            return ProtocolError(f"Gateway answered with more than {limit} bytes (the limit)",
-                                 {"limit": limit, "what": "result"})
+        def too_large() -> ResultTooLarge:
+            return ResultTooLarge(f"result exceeds {limit} bytes", {"limit": limit, "what": "result"})
 
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise ProtocolError(f"Gateway answered with {declared} bytes, limit is {limit}",
-                                {"limit": limit, "what": "result"})
+            raise ResultTooLarge(f"result is {declared} bytes, limit is {limit}",
+                                 {"limit": limit, "size": int(declared), "what": "result"})
         body = await read_limited(self._pieces(response), limit, too_large)
         data = GatewayClient._json(body, "invoke")
         if not isinstance(data, dict):
@@ -306,7 +306,8 @@ class SseTransport:
             return {}
         size = len(sse.data.encode())
         if size > self._max_bytes:
-            raise ProtocolError(f"'done' event is {size} bytes, limit is {self._max_bytes}")
+            raise ResultTooLarge(f"'done' event is {size} bytes, limit is {self._max_bytes}",
+                                 {"limit": self._max_bytes, "size": size, "what": "result"})
         try:
             data = json.loads(sse.data)
         except ValueError:
@@ -331,7 +332,8 @@ class SseTransport:
         except ValueError:
             raise ProtocolError(f"non-JSON data in SSE {where}: {sse.data[:200]!r}") from None
         if json_size(data) > self._max_bytes:
-            raise ProtocolError(f"SSE {where} is over {self._max_bytes} bytes")
+            raise ResultTooLarge(f"SSE {where} is over {self._max_bytes} bytes",
+                                 {"limit": self._max_bytes, "what": "chunk"})
         chunk = Chunk(
             seq=state.seq, event_id=event_id, event_type=sse.event, data=data, retry=sse.retry, ts=time.time()
         )

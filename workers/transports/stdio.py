@@ -8,11 +8,12 @@ entry's ``max_calls`` calls or ``idle_timeout`` without calls, and restarted aft
 the server dies or breaks the protocol. A crash fails the calls in flight at once (the SDK wakes
 pending requests when stdout ends) with the pipe's typed error.
 
-Errors: a server that cannot start or exits → ``ServerCrashed`` (also: a ``${NAME}`` of its ``env`` not
-set, an unknown ``user``/``group``, a kill by a resource limit such as SIGXCPU); garbage on stdout → ``ProtocolError``;
-no answer to the handshake within ``startup_timeout`` or to a call within its timeout →
-``InvocationTimeout`` (the SDK sends ``notifications/cancelled`` for an abandoned call); an answer over
-``max_output_bytes`` → ``PayloadTooLarge``; a JSON-RPC error answer → ``ToolError``. A limit the tool
+Errors (the table is :data:`workers.errors.FAILURES`): a server that cannot start or exits → ``ServerCrashed``
+(also: a ``${NAME}`` of its ``env`` not set, an unknown ``user``/``group``, a kill by a resource limit such as
+SIGXCPU, no answer to the handshake within ``startup_timeout``); garbage on stdout → ``ProtocolError``; no
+answer to a call within its timeout → ``InvocationTimeout`` (the SDK sends ``notifications/cancelled`` for an
+abandoned call), to ``tools/list`` → ``DiscoveryTimeout``; an answer over ``max_output_bytes`` →
+``ResultTooLarge``; a JSON-RPC error answer → ``ToolError``. A limit the tool
 itself runs into (open files, address space) is the tool's own failure: an ``is_error`` result.
 
 Progress notifications become stream chunks through a bounded queue per call: a flood is coalesced
@@ -34,10 +35,11 @@ from pydantic import ValidationError
 from config.registry import ServerBase, StdioServer
 from workers.environment import launch_environment
 from workers.errors import (
+    DiscoveryTimeout,
     InvalidInvocation,
     InvocationTimeout,
-    PayloadTooLarge,
     ProtocolError,
+    ResultTooLarge,
     SarkError,
     ServerCrashed,
     ToolError,
@@ -98,8 +100,8 @@ class ServerPool:
         name = self.server.name
         if pipe.failure is not None:
             return pipe.failure
-        if isinstance(exc, TimeoutError):
-            return InvocationTimeout(
+        if isinstance(exc, TimeoutError):  # a server that cannot start in time: the same for a call or a listing
+            return ServerCrashed(
                 f"stdio server {name!r} did not complete the MCP handshake within {self.server.startup_timeout:g}s",
                 {"server": name, "phase": "initialize"})
         if isinstance(exc, SarkError):
@@ -109,16 +111,16 @@ class ServerPool:
         return ProtocolError(f"stdio server {name!r} failed the MCP handshake: {type(exc).__name__}: {exc}",
                              {"server": name, "phase": "initialize"})
 
-    def _error(self, gen: Generation[StdioPipe], exc: MCPError) -> SarkError:
+    def _error(self, gen: Generation[StdioPipe], exc: MCPError, late: type[SarkError] = InvocationTimeout) -> SarkError:
         name, pipe = self.server.name, gen.connection
         if exc.code == types.CONNECTION_CLOSED:
             return pipe.failure or ServerCrashed(f"stdio server {name!r} closed the connection", {"server": name})
         if exc.code == OUTPUT_TOO_LARGE:
             data = exc.error.data if isinstance(exc.error.data, dict) else {}
-            return PayloadTooLarge(f"stdio server {name!r}: {exc.error.message}",
-                                   {"server": name, "what": "result", **data})
+            return ResultTooLarge(f"stdio server {name!r}: {exc.error.message}",
+                                  {"server": name, "what": "result", **data})
         if exc.code == types.REQUEST_TIMEOUT:
-            return InvocationTimeout(f"stdio server {name!r}: {exc.error.message}", {"server": name})
+            return late(f"stdio server {name!r}: {exc.error.message}", {"server": name})
         status = 400 if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST) else 502
         return ToolError(f"stdio server {name!r} answered error {exc.code}: {exc.error.message}",
                          {"server": name, "code": exc.code}, status_code=status)
@@ -175,11 +177,11 @@ class ServerPool:
                     if not cursor:
                         return tools
         except TimeoutError:
-            raise InvocationTimeout(f"stdio server {name!r}: tools/list not answered within {timeout:g}s",
-                                    {"server": name}) from None
+            raise DiscoveryTimeout(f"stdio server {name!r}: tools/list not answered within {timeout:g}s",
+                                   {"server": name}) from None
         except MCPError as exc:
             assert gen is not None
-            raise self._error(gen, exc) from None
+            raise self._error(gen, exc, DiscoveryTimeout) from None
         raise ProtocolError(f"stdio server {name!r}: tools/list returned more than {_LIST_PAGES_MAX} pages",
                             {"server": name})
 

@@ -71,7 +71,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from mcp.shared.message import SessionMessage
 
 from config.registry import StdioLimits, StdioServer, UnsetVariable
-from workers.errors import PayloadTooLarge, ProtocolError, SarkError, ServerCrashed
+from workers.errors import ProtocolError, ResultTooLarge, SarkError, ServerCrashed
 
 if TYPE_CHECKING:
     from mcp.client._transport import TransportStreams  # the SDK exports no public name for the pair
@@ -316,8 +316,8 @@ class StdioPipe:
             return True
         if b'"method"' in sample[:200] and b'"id"' not in sample[:200]:
             return True  # an oversized notification is dropped
-        self._fail(PayloadTooLarge(f"stdio server {name!r} wrote a {size}-byte message, limit is {limit}",
-                                   {"server": name, "size": size, "limit": limit, "what": "result"}))
+        self._fail(ResultTooLarge(f"stdio server {name!r} wrote a {size}-byte message, limit is {limit}",
+                                  {"server": name, "size": size, "limit": limit, "what": "message"}))
         return False
 
     async def _exited(self) -> None:
