@@ -225,9 +225,19 @@ class InvocationTimeout(TransportError):
 
     A breaker failure, unless the worker marks it ``caller_caused`` (the caller's own timeout, shorter
     than the operator's for that server, ran out). A Gateway that *answers* 504 is a :class:`ToolError`.
+    It still carries ``status_code`` 504, as the Gateway contract's "timeout → 504" says, for callers
+    that read the status of any error.
     """
 
     code = "timeout"
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message, {"status_code": 504, **(detail or {})})
+
+    @property
+    def status_code(self) -> int:
+        """504, as the Gateway contract names a timeout."""
+        return int(self.detail["status_code"])
 
     @classmethod
     def verdict(cls) -> str:
