@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: Module paths of the transports shipped with sark-workers (each defines ``TRANSPORT``).
-BUILTIN = ("config.builtin_transports",)
+BUILTIN = ("config.builtin_transports", "config.streamable_http_spec")
 #: Environment variable naming plug-in transport modules (comma-separated).
 PLUGINS_VARIABLE = "SARK_TRANSPORT_PLUGINS"
 #: Entry-point group of plug-in transport modules.

@@ -1,0 +1,90 @@
+"""The ``streamable-http`` transport's registry schema and catalog entry (light: clients import it to route).
+
+A registry entry ``transport: streamable-http`` names an MCP server reached over Streamable HTTP with the
+official ``mcp`` SDK's client (the transport is :mod:`workers.transports.streamable_http`)::
+
+    servers:
+      docs:
+        transport: streamable-http
+        url: https://mcp.example.com/mcp
+        headers: {X-Api-Key: DOCS_API_KEY}     # header name -> NAME of a worker environment variable
+        auth: bearer-env                         # none | bearer-env | forward
+        token_env: DOCS_TOKEN                    # bearer-env: the variable holding the token
+        protocol_version: "2025-11-25"           # optional pin; default: negotiate
+
+``auth: forward`` sends the caller's own token to the server. The MCP security guidance forbids blind
+token passthrough (the server may be anyone's; a token minted for SARK would be replayable there), so it
+is an explicit choice per server, for servers that accept the same identity provider's tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from config.registry import ServerBase
+from config.transports import TransportSpec
+
+__all__ = ["TRANSPORT", "StreamableHttpServer"]
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Headers the transport (or the SDK) owns: a registry entry may not set them.
+_RESERVED = {"authorization", "content-type", "accept", "mcp-session-id", "mcp-protocol-version",
+             "last-event-id", "host", "content-length"}
+
+
+class StreamableHttpServer(ServerBase):
+    """An MCP server reached over Streamable HTTP (both the 2025-11-25 handshake and 2026-07-28 stateless)."""
+
+    transport: Literal["streamable-http"]
+    url: str = Field(min_length=1, description="the MCP endpoint (http or https)")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="header name -> NAME of the worker environment variable sent as its value")
+    auth: Literal["none", "bearer-env", "forward"] = Field(
+        default="none", description="none | bearer-env (token_env) | forward (the caller's token; opt-in)")
+    token_env: str | None = Field(default=None, description="bearer-env: the variable holding the bearer token")
+    protocol_version: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                         description="refuse a session of another revision; default: negotiate")
+    startup_timeout: float = Field(default=10.0, gt=0, description="seconds for connect + handshake")
+    max_concurrency: int = Field(default=64, ge=1, description="calls in flight on one session")
+    idle_timeout: float | None = Field(default=300.0, gt=0, description="close a session idle this long")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("url must not hold credentials (use headers or auth)")
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _header_variables(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, variable in headers.items():
+            if not _HEADER_NAME.match(name) or name.lower() in _RESERVED:
+                raise ValueError(f"headers.{name}: not a header an entry may set")
+            if not _ENV_NAME.match(variable):
+                raise ValueError(f"headers.{name}: the value names an environment variable (letters, digits, _), "
+                                 "never a literal value")
+        return headers
+
+    @model_validator(mode="after")
+    def _auth_fields(self) -> StreamableHttpServer:
+        if self.auth == "bearer-env":
+            if not self.token_env or not _ENV_NAME.match(self.token_env):
+                raise ValueError("auth bearer-env needs token_env: the NAME of an environment variable")
+        elif self.token_env is not None:
+            raise ValueError("token_env is only used with auth: bearer-env")
+        return self
+
+
+TRANSPORT = TransportSpec(
+    name="streamable-http", server_model=StreamableHttpServer, factory="workers.transports.streamable_http:build",
+    description="MCP servers over Streamable HTTP (official SDK client), warm sessions per identity",
+)

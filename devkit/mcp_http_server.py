@@ -1,0 +1,151 @@
+"""A small Streamable HTTP MCP server built with the official SDK (``MCPServer``), for tests and the demo.
+
+Tools: ``echo``, ``add``, ``progress`` (``count`` progress notifications), ``slow`` (sleeps ``seconds``),
+``big`` (``size`` bytes of text), ``error`` (raises), ``whoami`` (the ``Mcp-Session-Id`` of the request and
+a per-session call counter). Options: ``--stateless`` (no sessions), ``--json`` (JSON answers instead of
+SSE), ``--token T`` (every request needs ``Authorization: Bearer T``, else 401), ``--events FILE`` (one
+line per tool start, end and cancellation: what the server saw), ``--legacy`` (2025-11-25 only:
+``initialize`` and ``Mcp-Session-Id``). On start it prints ``READY <port>``.
+
+Run: ``python -m devkit.mcp_http_server --port 0 [--stateless] [--token T]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import socket
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+__all__ = ["build_app", "main"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def build_app(*, stateless: bool = False, json_response: bool = False, token: str | None = None,
+              events: Path | None = None, legacy: bool = False) -> App:
+    """The ASGI app: the SDK's Streamable HTTP app at ``/mcp``, behind a bearer check when ``token`` is set.
+
+    ``legacy``: ``server/discover`` lists only 2025-11-25, so clients fall back to the ``initialize``
+    handshake and a ``Mcp-Session-Id`` session (the SDK server otherwise speaks 2026-07-28 first).
+    """
+    server = MCPServer("sark-devkit-http")
+    if legacy:
+        import mcp_types as types
+
+        async def discover(ctx: Any, params: types.RequestParams) -> types.DiscoverResult:
+            return types.DiscoverResult(supported_versions=["2025-11-25"], capabilities=types.ServerCapabilities())
+
+        server._lowlevel_server.add_request_handler("server/discover", types.RequestParams, discover)
+    calls: Counter[str] = Counter()
+
+    def note(line: str) -> None:
+        if events is not None:
+            with events.open("a") as out:
+                out.write(line + "\n")
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Return ``text``."""
+        return text
+
+    @server.tool()
+    def add(a: float, b: float) -> float:
+        """``a + b``."""
+        return a + b
+
+    @server.tool()
+    async def progress(count: int, ctx: Context) -> str:
+        """Send ``count`` progress notifications, then answer."""
+        for i in range(count):
+            await ctx.report_progress(i + 1, count, f"step {i + 1}")
+        return f"{count} steps"
+
+    @server.tool()
+    async def slow(seconds: float, tag: str = "") -> str:
+        """Sleep ``seconds`` (``--events`` records the start, the end or the cancellation with ``tag``)."""
+        note(f"start {tag}")
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            note(f"cancelled {tag}")
+            raise
+        note(f"end {tag}")
+        return f"slept {seconds}"
+
+    @server.tool()
+    def big(size: int) -> str:
+        """``size`` bytes of text."""
+        return "x" * size
+
+    @server.tool()
+    def error(message: str = "boom") -> str:
+        """Fail: the SDK answers an ``isError`` result with ``message``."""
+        raise ToolError(message)
+
+    @server.tool()
+    def whoami(ctx: Context) -> dict[str, Any]:
+        """The request's ``Mcp-Session-Id`` (None when stateless) and how many calls that session made."""
+        request = ctx.request_context.request
+        headers = getattr(request, "headers", None)
+        session = headers.get("mcp-session-id") if headers is not None else None
+        key = session or "none"
+        calls[key] += 1
+        return {"session": session, "calls": calls[key]}
+
+    app: App = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
+    if token is None:
+        return app
+    expected = f"Bearer {token}".encode()
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, expected):
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": b'{"error": "invalid_token"}'})
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve on loopback until killed."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--stateless", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--token")
+    parser.add_argument("--events", type=Path)
+    parser.add_argument("--legacy", action="store_true", help="2025-11-25 only: initialize + Mcp-Session-Id")
+    args = parser.parse_args(argv)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(128)  # connections wait in the backlog from READY on
+    app = build_app(stateless=args.stateless, json_response=args.json, token=args.token, events=args.events,
+                    legacy=args.legacy)
+    print(f"READY {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The ``streamable-http`` transport (issue 15) through a real worker, against real SDK servers
+(``devkit/mcp_http_server.py``: stateful, stateless, bearer-protected) started on free loopback ports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from config.transports import reset_catalog
+from devkit.gateway import make_token
+from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc, wait_for
+from tests.helpers import invoke, send_invoke, settings_with
+from workers.errors import AuthenticationFailed, GatewayUnavailable, InvocationTimeout, ResultTooLarge, TransportError
+from workers.streams import reader as stream_client
+
+REPO = Path(__file__).resolve().parents[2]
+QUEUE = "sark.streamable-http"
+SECRET = "s3cret-bearer"
+
+
+@dataclass
+class McpServer:
+    """One devkit server process."""
+
+    popen: subprocess.Popen[str]
+    port: int
+    args: tuple[str, ...]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait(10)
+
+
+def _start(*args: str, port: int = 0) -> McpServer:
+    popen = subprocess.Popen([sys.executable, "-m", "devkit.mcp_http_server", "--port", str(port), *args],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert popen.stdout is not None
+    line = popen.stdout.readline()
+    assert line.startswith("READY "), line
+    return McpServer(popen, int(line.split()[1]), args)
+
+
+def _restart(server: McpServer) -> McpServer:
+    server.kill()
+    return _start(*server.args, port=server.port)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, McpServer]]:
+    events = tmp_path_factory.mktemp("mcp-http") / "events.log"
+    started = {
+        "stateful": _start("--legacy", "--events", str(events)),  # 2025-11-25: initialize, Mcp-Session-Id
+        "stateless": _start("--stateless"),  # 2026-07-28
+        "secured": _start("--token", SECRET),
+        "victim": _start("--legacy"),
+    }
+    started["stateful"].events = events  # type: ignore[attr-defined]
+    yield started
+    for server in started.values():
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def http_env(servers: dict[str, McpServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    registry = tmp_path_factory.mktemp("registry") / "servers.yaml"
+    registry.write_text(f"""
+servers:
+  stateful: {{transport: streamable-http, url: "{servers['stateful'].url}", timeout: 10}}
+  stateless: {{transport: streamable-http, url: "{servers['stateless'].url}"}}
+  forwarded: {{transport: streamable-http, url: "{servers['stateful'].url}", auth: forward}}
+  secured: {{transport: streamable-http, url: "{servers['secured'].url}", auth: bearer-env, token_env: MCP_GOOD}}
+  secured-wrong: {{transport: streamable-http, url: "{servers['secured'].url}", auth: bearer-env,
+                  token_env: MCP_WRONG}}
+  secured-absent: {{transport: streamable-http, url: "{servers['secured'].url}"}}
+  victim: {{transport: streamable-http, url: "{servers['victim'].url}", breaker: {{fail_max: 50}}}}
+""")
+    env = {"SARK_REGISTRY_PATH": str(registry), "MCP_GOOD": SECRET, "MCP_WRONG": "not-it"}
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SARK_REGISTRY_PATH", str(registry))
+    reset_catalog()
+    yield env
+    mp.undo()
+    reset_catalog()
+
+
+@pytest.fixture(scope="module")
+def http_worker(stack: DevStack, http_env: dict[str, str]) -> Iterator[Proc]:
+    with stack.running_worker("streamable-http", env=http_env, queues=QUEUE, concurrency=4) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def app(http_env: dict[str, str], http_worker: Proc) -> Iterator[Celery]:
+    from workers.app import create_app
+
+    celery = create_app(settings_with(http_env))
+    yield celery
+    celery.close()
+
+
+def _text(result: dict[str, object]) -> str:
+    content = result["result"]["content"]  # type: ignore[index]
+    return str(content[0]["text"])  # type: ignore[index]
+
+
+def _whoami(app: Celery, server: str, token: str | None = None) -> dict[str, object]:
+    structured: dict[str, object] = invoke(app, server, "whoami", token=token)["result"]["structuredContent"]
+    return structured
+
+
+@pytest.mark.parametrize("server", ["stateful", "stateless"])
+def test_tool_calls_are_routed_to_the_queue_and_answered(app: Celery, server: str) -> None:
+    route = app.amqp.router.route({}, "sark.invoke", (), {"invocation": {"server": server, "tool": "add"}})
+    assert route["queue"].name == QUEUE
+    result = invoke(app, server, "add", {"a": 1, "b": 2})
+    assert result["transport"] == "streamable-http" and not result["is_error"]
+    assert result["result"]["structuredContent"]["result"] == 3
+    assert _text(invoke(app, server, "echo", {"text": "hé"})) == "hé"
+    failed = invoke(app, server, "error", {"message": "no luck"})
+    assert failed["is_error"] and "no luck" in _text(failed)
+
+
+def test_the_stateful_session_is_warm_and_the_stateless_server_has_none(app: Celery) -> None:
+    first, second = _whoami(app, "stateful"), _whoami(app, "stateful")
+    assert first["session"] and first["session"] == second["session"]
+    assert second["calls"] == int(first["calls"]) + 1  # type: ignore[call-overload]
+    assert _whoami(app, "stateless")["session"] is None
+
+
+def test_list_tools(app: Celery) -> None:
+    tools = app.send_task("sark.list_tools", kwargs={"server": "stateless"}, queue=QUEUE).get(timeout=30)
+    assert {"echo", "add", "progress", "slow", "big", "error", "whoami"} <= {t["tool_name"] for t in tools}
+
+
+@pytest.mark.parametrize("server", ["stateful", "stateless"])
+def test_progress_notifications_become_stream_chunks(app: Celery, server: str) -> None:
+    pending = send_invoke(app, server, "progress", {"count": 4}, stream=True)
+    chunks = list(stream_client.stream(pending.id, idle_timeout=20))
+    result = pending.get(timeout=30)
+    assert [c.event_type for c in chunks] == ["progress"] * 4
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert chunks[-1].data == {"progress": 4.0, "total": 4.0, "message": "step 4"}
+    assert result["chunks"] == 4 and _text(result) == "4 steps"
+
+
+def test_timeout_cancels_the_call_on_the_server(app: Celery, servers: dict[str, McpServer]) -> None:
+    started = time.monotonic()
+    with pytest.raises(InvocationTimeout):
+        invoke(app, "stateful", "slow", {"seconds": 30, "tag": "t1"}, timeout=1)
+    assert time.monotonic() - started < 10
+    events: Path = servers["stateful"].events  # type: ignore[attr-defined]
+    wait_for(lambda: "cancelled t1" in events.read_text(), 10, "the server saw the cancellation")
+    assert invoke(app, "stateful", "add", {"a": 2, "b": 2})["result"]["structuredContent"]["result"] == 4
+
+
+def test_a_result_over_the_cap_is_result_too_large(app: Celery) -> None:
+    with pytest.raises(ResultTooLarge):
+        invoke(app, "stateless", "big", {"size": 11 * 1024 * 1024}, timeout=30)
+    assert invoke(app, "stateless", "add", {"a": 1, "b": 1})["result"]["structuredContent"]["result"] == 2
+
+
+def test_bearer_token_from_the_environment(app: Celery) -> None:
+    assert invoke(app, "secured", "add", {"a": 1, "b": 2})["result"]["structuredContent"]["result"] == 3
+    for server in ("secured-wrong", "secured-absent"):
+        with pytest.raises(AuthenticationFailed) as raised:
+            invoke(app, server, "add", {"a": 1, "b": 2})
+        assert raised.value.detail["status_code"] == 401
+        assert SECRET not in str(raised.value) and "not-it" not in str(raised.value)
+
+
+def test_forwarded_tokens_of_two_users_never_share_a_session(app: Celery) -> None:
+    alice, bob = (make_token(DEFAULT_JWT_SECRET, sub=sub) for sub in ("alice", "bob"))
+    a1, b1 = _whoami(app, "forwarded", alice), _whoami(app, "forwarded", bob)
+    a2 = _whoami(app, "forwarded", make_token(DEFAULT_JWT_SECRET, sub="alice", ttl=1800))  # a fresh token, same user
+    assert a1["session"] and b1["session"] and a1["session"] != b1["session"]
+    assert a2["session"] == a1["session"]
+    assert _whoami(app, "stateful")["session"] not in (a1["session"], b1["session"])  # the service's own
+
+
+def test_server_killed_mid_call_then_restarted(app: Celery, servers: dict[str, McpServer]) -> None:
+    before = _whoami(app, "victim")["session"]
+    sleeping = send_invoke(app, "victim", "slow", {"seconds": 20}, timeout=25)
+    time.sleep(1.0)  # the call reached the server
+    servers["victim"].kill()
+    started = time.monotonic()
+    with pytest.raises(TransportError) as raised:
+        sleeping.get(timeout=15)
+    assert isinstance(raised.value, GatewayUnavailable), raised.value
+    assert time.monotonic() - started < 10
+    with pytest.raises(GatewayUnavailable):  # nobody listens now: refused
+        invoke(app, "victim", "add", {"a": 1, "b": 2})
+    servers["victim"] = _start(*servers["victim"].args, port=servers["victim"].port)
+    deadline = time.monotonic() + 20
+    while True:  # the pool backs off (0.25 s, doubling) after the failed starts
+        try:
+            after = _whoami(app, "victim")["session"]
+            break
+        except GatewayUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert after and after != before
+
+
+def test_restarted_server_expires_the_session_and_the_call_is_sent_again(
+    app: Celery, servers: dict[str, McpServer]
+) -> None:
+    before = _whoami(app, "victim")["session"]
+    servers["victim"] = _restart(servers["victim"])
+    after = _whoami(app, "victim")  # 404 on the old session → a new session, the call sent once more
+    assert after["session"] and after["session"] != before and after["calls"] == 1

@@ -1,0 +1,72 @@
+"""The ``streamable-http`` registry schema, its catalog entry, and whose session a call uses."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from config.streamable_http_spec import StreamableHttpServer
+from config.transports import get_spec
+
+
+def _server(**fields: object) -> StreamableHttpServer:
+    return StreamableHttpServer.model_validate({"transport": "streamable-http", "name": "docs",
+                                                "url": "http://127.0.0.1:9/mcp", **fields})
+
+
+def _jwt(claims: dict[str, object]) -> str:
+    def part(data: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'none'})}.{part(claims)}.sig"
+
+
+def test_the_catalog_names_the_transport_and_its_queue() -> None:
+    spec = get_spec("streamable-http")
+    assert spec.server_model is StreamableHttpServer and spec.default_queue == "sark.streamable-http"
+    assert _server().breaker_target() == "streamable-http:docs"
+
+
+@pytest.mark.parametrize("fields", [
+    {"url": "ftp://example.com/mcp"},
+    {"url": "http://user:pw@example.com/mcp"},
+    {"headers": {"X-Api-Key": "literal secret value"}},
+    {"headers": {"Authorization": "TOKEN"}},
+    {"auth": "bearer-env"},
+    {"auth": "none", "token_env": "TOKEN"},
+    {"auth": "basic"},
+])
+def test_invalid_entries_are_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        _server(**fields)
+
+
+def test_a_valid_entry() -> None:
+    server = _server(headers={"X-Api-Key": "DOCS_KEY"}, auth="bearer-env", token_env="DOCS_TOKEN",
+                     protocol_version="2025-11-25", timeout=5)
+    assert server.headers == {"X-Api-Key": "DOCS_KEY"} and server.token_env == "DOCS_TOKEN"
+
+
+def test_identities_keep_users_apart() -> None:
+    from workers.transports.streamable_http import identity_of
+
+    forward = _server(auth="forward")
+    alice, alice_again = _jwt({"sub": "alice", "exp": 1}), _jwt({"sub": "alice", "exp": 2})
+    bob, other_issuer = _jwt({"sub": "bob"}), _jwt({"sub": "alice", "iss": "elsewhere"})
+    assert identity_of(forward, alice) == identity_of(forward, alice_again)
+    assert len({identity_of(forward, t) for t in (alice, bob, other_issuer, "opaque-1", "opaque-2")}) == 5
+    assert identity_of(forward, None) == "anonymous"
+    assert identity_of(_server(), alice) == identity_of(_server(), bob) == "service"
+    assert "opaque-1" not in identity_of(forward, "opaque-1")
+
+
+def test_the_spec_module_stays_light() -> None:
+    code = ("import sys, config.streamable_http_spec; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types', 'httpx2', 'workers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,452 @@
+"""streamable-http transport: MCP servers over Streamable HTTP, spoken to with the official ``mcp`` SDK client.
+
+Registry entries are :class:`config.streamable_http_spec.StreamableHttpServer`. Each (server, identity)
+gets its own warm session (:class:`~workers.transports.session_pool.SessionPool` of :class:`HttpLink`
+connections over the SDK's ``streamable_http_client``); the identity is ``service`` (``auth: none`` or
+``bearer-env``) or, for ``auth: forward``, the caller's token's issuer and subject (read from the JWT
+payload, not verified: only to keep users apart; an opaque token: its SHA-256). Sessions are never shared
+between identities. Every session of the process shares one ``httpx2`` connection pool.
+
+Errors (the table is :data:`workers.errors.FAILURES`): HTTP 401 → ``AuthenticationFailed``, 403 →
+``AuthorizationDenied``, other statuses >= 400 → ``ToolError(status)`` (:func:`workers.errors.status_error`);
+connection refused, reset or lost mid-call → ``GatewayUnavailable`` (a breaker failure); a JSON-RPC error →
+``ToolError`` (400 for bad params or an unknown method, else 502); an ``isError`` result is a normal
+outcome; an answer over ``max_result_bytes`` → ``ResultTooLarge``; no answer in time → ``InvocationTimeout``
+(the SDK abandons the request: ``notifications/cancelled`` on 2025-11-25, the response stream closed on
+2026-07-28); a session the server no longer knows (404 on ``Mcp-Session-Id``: it restarted) → a new
+session and the call sent once more (a 404 proves the tool was not reached).
+
+SDK limitation worked around here: the SDK's Streamable HTTP client drops the HTTP status of an error
+answer (any status but 404 becomes JSON-RPC ``INTERNAL_ERROR "Server returned an error response"``) and a
+connection error crashes the transport's task group. Each session's ``httpx2`` client therefore wraps the
+shared pool in :class:`_Recorder`, which notes statuses and connection errors for the call that sent the
+request (a context variable: the SDK sends each request in a task copied from the caller's context).
+Upstream issue text: "streamable_http_client: expose the HTTP status of a non-2xx answer (e.g. as
+``ErrorData.data = {"http_status": 401}``) and turn connection errors of a request's POST into a JSON-RPC
+error for that request instead of crashing the transport's task group".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextvars
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Generator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+import mcp_types as types
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
+
+from config.registry import ServerBase
+from config.streamable_http_spec import StreamableHttpServer
+from workers.errors import (
+    DiscoveryTimeout,
+    GatewayUnavailable,
+    InvalidInvocation,
+    InvocationTimeout,
+    ProtocolError,
+    ResultTooLarge,
+    SarkError,
+    ToolError,
+    status_error,
+)
+from workers.models import GatewayToolInfo
+from workers.transports.base import BuildContext, Call, ChunkSink, ToolOutcome
+from workers.transports.session_pool import LIST_PAGES_MAX, Generation, PoolSettings, SessionPool
+from workers.transports.stdio import _ProgressForwarder, _tool_info
+
+if TYPE_CHECKING:
+    from mcp.client._transport import TransportStreams
+
+__all__ = ["HttpLink", "StreamableHttpTransport", "build", "identity_of"]
+
+log = logging.getLogger("sark.streamable-http")
+
+_KIND = "streamable-http"
+_ENVELOPE = 65_536
+_CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class _Probe:
+    """What the HTTP layer saw for one call, or for one session (its handshake included)."""
+
+    status: int | None = None
+    error: httpx2.TransportError | None = None
+    too_large: int | None = None
+
+
+_probe: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("sark_streamable_http_probe", default=None)
+
+
+class _TooLarge(httpx2.StreamError):
+    """An answer over the cap (a ``StreamError``, so the SDK resolves the request instead of crashing)."""
+
+
+class _Capped(httpx2.AsyncByteStream):
+    """A response body that stops past ``limit`` bytes."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int, probes: list[_Probe]) -> None:
+        self._inner, self._limit, self._probes = inner, limit, probes
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                for probe in self._probes:
+                    probe.too_large = seen
+                raise _TooLarge(f"answer over {self._limit} bytes")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _Recorder(httpx2.AsyncBaseTransport):
+    """The shared connection pool, noting what each POST met (see the module docstring); never closes it."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, session: _Probe, limit: int) -> None:
+        self._inner, self._session, self._limit = inner, session, limit
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        call = _probe.get()
+        probes = [self._session] if call is None else [self._session, call]
+        post = request.method == "POST"
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpx2.TransportError as exc:
+            if post:
+                for probe in probes:
+                    probe.error = exc
+            raise
+        if post and response.status_code >= 400:
+            for probe in probes:
+                probe.status = response.status_code
+        if not isinstance(response.stream, httpx2.AsyncByteStream):
+            return response
+        return httpx2.Response(response.status_code, headers=response.headers,
+                               stream=_Capped(response.stream, self._limit, probes),
+                               extensions=response.extensions)
+
+
+class _Bearer(httpx2.Auth):
+    """``Authorization: Bearer <token>`` with the pool's current token (None: no header)."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
+        if self.token:
+            request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+class HttpLink:
+    """One Streamable HTTP connection (one SDK client transport) as a session-pool ``Connection``.
+
+    ``failure`` is a :class:`GatewayUnavailable` once a request met a connection error (the SDK then
+    ends the transport): the pool backs off before the next session.
+    """
+
+    pid: int | None = None
+
+    def __init__(self, server: StreamableHttpServer, pool: httpx2.AsyncBaseTransport, *, headers: dict[str, str],
+                 auth: _Bearer, limit: int) -> None:
+        self.server = server
+        self.probe = _Probe()
+        self.dead = asyncio.Event()
+        timeout = httpx2.Timeout(_CONNECT_TIMEOUT, read=None)  # the call's own deadline bounds reads
+        self._client = httpx2.AsyncClient(transport=_Recorder(pool, self.probe, limit), headers=headers,
+                                          auth=auth, timeout=timeout)
+        self._transport = streamable_http_client(server.url, http_client=self._client, max_sse_event_size=limit)
+
+    @property
+    def failure(self) -> SarkError | None:
+        """Why the connection ended, when a connection error ended it."""
+        if self.probe.error is None:
+            return None
+        return GatewayUnavailable(f"streamable-http server {self.server.name!r} cannot be reached: "
+                                  f"{type(self.probe.error).__name__}", {"server": self.server.name})
+
+    async def __aenter__(self) -> TransportStreams:
+        return await self._transport.__aenter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        try:
+            await self._transport.__aexit__(exc_type, exc, traceback)
+        except Exception as crash:  # the SDK's task group ended by a request's connection error (see above)
+            if self.probe.error is None:
+                self.probe.error = httpx2.TransportError(type(crash).__name__)
+            log.debug("streamable-http server %s: connection ended: %r", self.server.name, crash)
+        finally:
+            self.dead.set()
+
+
+def identity_of(server: StreamableHttpServer, token: str | None) -> str:
+    """Whose session a call uses: ``service``, or for ``auth: forward`` the token's issuer and subject
+    (JWT payload, unverified: it only keeps users apart), a hash of an opaque token, or ``anonymous``."""
+    if server.auth != "forward":
+        return "service"
+    if not token:
+        return "anonymous"
+    parts = token.split(".")
+    if len(parts) == 3:
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        except (ValueError, binascii.Error, RecursionError):
+            claims = None
+        sub = claims.get("sub") if isinstance(claims, dict) else None
+        if isinstance(sub, str) and sub:
+            return "sub:" + json.dumps([claims.get("iss"), sub])
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+class ServerSessions:
+    """The warm session of one (server, identity) in this worker process, with this transport's calls."""
+
+    def __init__(self, server: StreamableHttpServer, pool: httpx2.AsyncBaseTransport, *,
+                 environ: Mapping[str, str], max_result_bytes: int, token: str | None) -> None:
+        self.server = server
+        self._pool, self._environ = pool, environ
+        self._limit = max_result_bytes + _ENVELOPE
+        self.auth = _Bearer(token)
+        settings = PoolSettings(startup_timeout=server.startup_timeout, idle_timeout=server.idle_timeout,
+                                max_concurrency=server.max_concurrency)
+        self._sessions: SessionPool[HttpLink] = SessionPool(
+            self._connect, name=server.name, settings=settings, startup_error=self._startup_error, kind=_KIND)
+
+    def _connect(self) -> HttpLink:
+        headers: dict[str, str] = {}
+        for header, variable in self.server.headers.items():
+            headers[header] = self._environ.get(variable, "")
+        return HttpLink(self.server, self._pool, headers=headers, auth=self.auth, limit=self._limit)
+
+    def _missing(self) -> SarkError | None:
+        """The error for a header or token variable the worker's environment lacks (checked before a call)."""
+        names = list(self.server.headers.values())
+        if self.server.auth == "bearer-env" and self.server.token_env:
+            names.append(self.server.token_env)
+        missing = [n for n in names if not self._environ.get(n)]
+        if not missing:
+            return None
+        return GatewayUnavailable(f"streamable-http server {self.server.name!r}: environment variable(s) "
+                                  f"{', '.join(missing)} not set in the worker", {"server": self.server.name})
+
+    def _startup_error(self, link: HttpLink, exc: BaseException) -> SarkError:
+        name = self.server.name
+        if link.probe.status is not None and link.probe.status in (401, 403):
+            return self._status_error(link.probe.status, "initialize")
+        if link.failure is not None:
+            return link.failure
+        if isinstance(exc, TimeoutError):
+            return GatewayUnavailable(f"streamable-http server {name!r}: no session within "
+                                      f"{self.server.startup_timeout:g}s", {"server": name, "phase": "initialize"})
+        if isinstance(exc, SarkError):
+            return exc
+        if isinstance(exc, MCPError) and link.probe.status is not None:
+            return self._status_error(link.probe.status, "initialize")
+        return ProtocolError(f"streamable-http server {name!r} failed the MCP handshake: {type(exc).__name__}",
+                             {"server": name, "phase": "initialize"})
+
+    def _status_error(self, status: int, what: str) -> SarkError:
+        name = self.server.name
+        return status_error(status, f"streamable-http server {name!r} answered HTTP {status} to {what}",
+                            {"server": name})
+
+    def _error(self, exc: MCPError, probe: _Probe, gen: Generation[HttpLink], what: str) -> SarkError:
+        name = self.server.name
+        if probe.too_large is not None:
+            return ResultTooLarge(f"streamable-http server {name!r}: answer over {self._limit - _ENVELOPE} bytes",
+                                  {"server": name, "what": "result", "limit": self._limit - _ENVELOPE,
+                                   "size": probe.too_large})
+        if probe.status is not None:
+            return self._status_error(probe.status, what)
+        if probe.error is not None or exc.code == types.CONNECTION_CLOSED:
+            reason = type(probe.error).__name__ if probe.error is not None else exc.error.message
+            return GatewayUnavailable(f"streamable-http server {name!r}: connection lost during {what}: {reason}",
+                                      {"server": name})
+        if "max_sse_event_size" in exc.error.message or "exceeds" in exc.error.message:
+            return ResultTooLarge(f"streamable-http server {name!r}: {exc.error.message}",
+                                  {"server": name, "what": "result", "limit": self._limit - _ENVELOPE})
+        status = 400 if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST) else 502
+        return ToolError(f"streamable-http server {name!r} answered error {exc.code}: {exc.error.message}",
+                         {"server": name, "code": exc.code}, status_code=status)
+
+    def _check_version(self, gen: Generation[HttpLink], version: str) -> None:
+        """A pinned revision: refuse a session that negotiated another (the SDK's client negotiates only)."""
+        pin = self.server.protocol_version
+        if pin is not None and version != pin:
+            gen.retire("protocol version")
+            raise ProtocolError(f"streamable-http server {self.server.name!r} speaks MCP {version}, the registry "
+                                f"pins {pin}", {"server": self.server.name, "protocol_version": version})
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any], *, timeout: float, token: str | None,
+                        sink: ChunkSink | None) -> ToolOutcome:
+        """Call ``tool`` on the warm session (starting it if needed) within ``timeout`` seconds in all."""
+        if (missing := self._missing()) is not None:
+            raise missing
+        if token:
+            self.auth.token = token  # the newest token of this identity
+        forwarder = _ProgressForwarder(sink) if sink is not None else None
+        name = self.server.name
+        try:
+            async with asyncio.timeout(timeout), self._sessions.slots:
+                for attempt in (1, 2):
+                    gen, client = await self._sessions.session()
+                    self._check_version(gen, client.protocol_version)
+                    probe = _Probe()
+                    reset = _probe.set(probe)
+                    try:
+                        async with gen.use():
+                            result = await client.call_tool(
+                                tool, arguments, progress_callback=forwarder.on_progress if forwarder else None)
+                        break
+                    except MCPError as exc:
+                        if probe.status == 404 and attempt == 1:  # the server forgot the session: tool not reached
+                            log.info("streamable-http server %s: session expired, starting a new one", name,
+                                     extra={"streamable-http_server": name})
+                            gen.retire("session expired")
+                            continue
+                        if probe.status is not None or probe.error is not None:
+                            gen.retire(f"HTTP {probe.status}" if probe.status else "connection error")
+                        raise self._error(exc, probe, gen, repr(tool)) from None
+                    finally:
+                        _probe.reset(reset)
+                if forwarder is not None:
+                    await forwarder.drain()
+        except TimeoutError:
+            raise InvocationTimeout(f"streamable-http server {name!r}: no answer to {tool!r} within {timeout:g}s",
+                                    {"server": name, "tool": tool}) from None
+        except ValidationError as exc:
+            raise ProtocolError(f"streamable-http server {name!r} sent an invalid result: "
+                                f"{exc.error_count()} validation error(s)", {"server": name}) from None
+        finally:
+            if forwarder is not None:
+                forwarder.close()
+        self._sessions.succeeded()
+        data = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return ToolOutcome(result=data, is_error=bool(result.is_error), chunks=forwarder.count if forwarder else 0)
+
+    async def list_tools(self, *, timeout: float) -> list[GatewayToolInfo]:
+        """Every tool of the server, following ``nextCursor`` pages."""
+        if (missing := self._missing()) is not None:
+            raise missing
+        name = self.server.name
+        tools: list[GatewayToolInfo] = []
+        gen: Generation[HttpLink] | None = None
+        probe = _Probe()
+        try:
+            async with asyncio.timeout(timeout):
+                gen, client = await self._sessions.session()
+                reset = _probe.set(probe)
+                try:
+                    cursor: str | None = None
+                    for _ in range(LIST_PAGES_MAX):
+                        page = await client.list_tools(cursor=cursor)
+                        tools.extend(_tool_info(name, tool) for tool in page.tools)
+                        cursor = page.next_cursor
+                        if not cursor:
+                            return tools
+                finally:
+                    _probe.reset(reset)
+        except TimeoutError:
+            raise DiscoveryTimeout(f"streamable-http server {name!r}: tools/list not answered within {timeout:g}s",
+                                   {"server": name}) from None
+        except MCPError as exc:
+            assert gen is not None
+            raise self._error(exc, probe, gen, "tools/list") from None
+        raise ProtocolError(f"streamable-http server {name!r}: tools/list returned more than {LIST_PAGES_MAX} pages",
+                            {"server": name})
+
+    async def close(self) -> None:
+        """Stop the session (calls still in flight fail)."""
+        await self._sessions.close()
+
+
+def http_server(server: ServerBase) -> StreamableHttpServer:
+    """The call's server, which must be a streamable-http one."""
+    if not isinstance(server, StreamableHttpServer):
+        raise InvalidInvocation(f"server {server.name!r} is not a streamable-http server")
+    return server
+
+
+class StreamableHttpTransport:
+    """The ``streamable-http`` transport: one :class:`ServerSessions` per (server, identity).
+
+    Args:
+        servers: The registry's streamable-http servers.
+        max_result_bytes: Cap on one answer.
+        list_timeout: Seconds allowed for ``tools/list`` (all pages, including a cold start).
+        environ: Where header and bearer-token variables are read from.
+    """
+
+    name = _KIND
+
+    def __init__(self, servers: list[StreamableHttpServer], *, max_result_bytes: int, list_timeout: float = 30.0,
+                 environ: Mapping[str, str]) -> None:
+        self._servers = {s.name: s for s in servers}
+        self._environ = dict(environ)
+        self._max_result_bytes = max_result_bytes
+        self._list_timeout = list_timeout
+        self._sessions: dict[tuple[str, str], ServerSessions] = {}
+        self._pool: httpx2.AsyncHTTPTransport | None = None
+
+    def _shared_pool(self) -> httpx2.AsyncHTTPTransport:
+        if self._pool is None:
+            self._pool = httpx2.AsyncHTTPTransport(
+                limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30.0))
+        return self._pool
+
+    def sessions(self, server: StreamableHttpServer, token: str | None) -> ServerSessions:
+        """The sessions of ``server`` for the identity ``token`` carries (created on first use)."""
+        key = (server.name, identity_of(server, token))
+        found = self._sessions.get(key)
+        if found is None or found.server != server:
+            found = self._sessions[key] = ServerSessions(
+                server, self._shared_pool(), environ=self._environ, max_result_bytes=self._max_result_bytes,
+                token=token if server.auth == "forward" else self._environ.get(server.token_env or ""))
+        return found
+
+    async def open(self) -> None:
+        """Nothing to open: sessions start on first use."""
+
+    async def close(self) -> None:
+        """Close every session, then the shared connection pool."""
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.aclose()
+
+    async def invoke(self, call: Call) -> ToolOutcome:
+        """``tools/call`` on the warm session of the call's (server, identity)."""
+        server = http_server(call.server)
+        token = call.token if server.auth == "forward" else None
+        return await self.sessions(server, token).call_tool(
+            call.invocation.tool, dict(call.invocation.arguments), timeout=call.timeout, token=token, sink=call.sink)
+
+    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
+        """``tools/list`` of one server (or all), on the service identity's session."""
+        targets = [http_server(server)] if server is not None else list(self._servers.values())
+        tools: list[GatewayToolInfo] = []
+        for target in targets:
+            tools.extend(await self.sessions(target, None).list_tools(timeout=self._list_timeout))
+        return tools
+
+
+def build(context: BuildContext) -> StreamableHttpTransport:
+    """The ``streamable-http`` transport of one worker process (catalog factory)."""
+    return StreamableHttpTransport([s for s in context.servers(_KIND) if isinstance(s, StreamableHttpServer)],
+                                   max_result_bytes=context.settings.max_result_bytes,
+                                   list_timeout=context.settings.invoke_timeout, environ=context.environ)
