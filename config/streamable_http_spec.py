@@ -19,8 +19,9 @@ is an explicit choice per server, for servers that accept the same identity prov
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -28,7 +29,11 @@ from pydantic import Field, field_validator, model_validator
 from config.registry import ServerBase
 from config.transports import TransportSpec
 
-__all__ = ["TRANSPORT", "StreamableHttpServer"]
+if TYPE_CHECKING:
+    from config.check import Problem
+    from config.settings import Settings
+
+__all__ = ["TRANSPORT", "StreamableHttpServer", "check"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -84,7 +89,35 @@ class StreamableHttpServer(ServerBase):
         return self
 
 
+def check(server: ServerBase, settings: Settings) -> list[Problem]:
+    """check-config: the named variables are set and are not the worker's secrets; warn on forwarded tokens
+    and on bearer tokens sent in clear over the network."""
+    from config.check import Problem
+    from config.worker_secrets import is_worker_secret
+
+    if not isinstance(server, StreamableHttpServer):
+        return []
+    where = f"servers.{server.name}"
+    problems: list[Problem] = []
+    named = [(f"{where}.headers.{h}", v) for h, v in server.headers.items()]
+    if server.token_env:
+        named.append((f"{where}.token_env", server.token_env))
+    for place, name in named:
+        if is_worker_secret(name, os.environ.get(name)):
+            problems.append(Problem("error", place, f"{name} is a secret of the worker itself; it is never sent"))
+        elif not os.environ.get(name):
+            problems.append(Problem("error", place, f"{name} is not set in the worker's environment"))
+    host = urlsplit(server.url).hostname or ""
+    if server.auth != "none" and server.url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
+        problems.append(Problem("warning", f"{where}.url", "a bearer token would cross the network in clear (http://)"))
+    if server.auth == "forward":
+        problems.append(Problem("warning", f"{where}.auth", "the caller's own token is sent to this server "
+                                "(forward): only for servers of the same identity provider"))
+    return problems
+
+
 TRANSPORT = TransportSpec(
     name="streamable-http", server_model=StreamableHttpServer, factory="workers.transports.streamable_http:build",
+    check="config.streamable_http_spec:check",
     description="MCP servers over Streamable HTTP (official SDK client), warm sessions per identity",
 )

@@ -17,7 +17,15 @@ from config.transports import reset_catalog
 from devkit.gateway import make_token
 from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc, wait_for
 from tests.helpers import invoke, send_invoke, settings_with
-from workers.errors import AuthenticationFailed, GatewayUnavailable, InvocationTimeout, ResultTooLarge, TransportError
+from workers.client import CANCEL_COMMAND
+from workers.errors import (
+    AuthenticationFailed,
+    Cancelled,
+    GatewayUnavailable,
+    InvocationTimeout,
+    ResultTooLarge,
+    TransportError,
+)
 from workers.streams import reader as stream_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +170,19 @@ def test_timeout_cancels_the_call_on_the_server(app: Celery, servers: dict[str, 
     events: Path = servers["stateful"].events  # type: ignore[attr-defined]
     wait_for(lambda: "cancelled t1" in events.read_text(), 10, "the server saw the cancellation")
     assert invoke(app, "stateful", "add", {"a": 2, "b": 2})["result"]["structuredContent"]["result"] == 4
+
+
+def test_cancelling_the_task_cancels_the_call_on_the_server(app: Celery, servers: dict[str, McpServer]) -> None:
+    events: Path = servers["stateful"].events  # type: ignore[attr-defined]
+    pending = send_invoke(app, "stateful", "slow", {"seconds": 30, "tag": "c1"}, timeout=40)
+    wait_for(lambda: "start c1" in events.read_text(), 15, "the call reached the server")
+    started = time.monotonic()
+    pending.revoke()
+    app.control.broadcast(CANCEL_COMMAND, arguments={"request_id": pending.id})
+    with pytest.raises(Cancelled):
+        pending.get(timeout=15)
+    assert time.monotonic() - started < 10
+    wait_for(lambda: "cancelled c1" in events.read_text(), 10, "the server saw the cancellation")
 
 
 def test_a_result_over_the_cap_is_result_too_large(app: Celery) -> None:

@@ -70,3 +70,20 @@ def test_the_spec_module_stays_light() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types', 'httpx2', 'workers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_check_config_names_unset_and_secret_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.settings import Settings
+    from config.streamable_http_spec import check
+
+    settings = Settings()
+    monkeypatch.setenv("DOCS_KEY", "k")
+    monkeypatch.delenv("DOCS_TOKEN", raising=False)
+    monkeypatch.setenv("SARK_TOKEN_KEY", "worker-secret")
+    server = _server(url="http://docs.example.com/mcp", headers={"X-Api-Key": "DOCS_KEY", "X-Key": "SARK_TOKEN_KEY"},
+                     auth="bearer-env", token_env="DOCS_TOKEN")
+    found = {(p.level, p.where) for p in check(server, settings)}
+    assert found == {("error", "servers.docs.headers.X-Key"), ("error", "servers.docs.token_env"),
+                     ("warning", "servers.docs.url")}
+    assert [p.level for p in check(_server(auth="forward"), settings)] == ["warning"]
+    assert check(_server(), settings) == []
