@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit it; without it every 2026-07-28 answer (headers and body written apart)
+    # waited ~42 ms for the client's delayed ACK (measured: body 42 ms after headers).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", args.port))
     sock.listen(128)  # connections wait in the backlog from READY on
     app = build_app(stateless=args.stateless, json_response=args.json, token=args.token, events=args.events,
