@@ -185,10 +185,12 @@ def test_cancelling_the_task_cancels_the_call_on_the_server(app: Celery, servers
     wait_for(lambda: "cancelled c1" in events.read_text(), 10, "the server saw the cancellation")
 
 
-def test_a_result_over_the_cap_is_result_too_large(app: Celery) -> None:
+@pytest.mark.parametrize("server", ["stateful", "stateless"])  # an SSE event, a JSON body
+def test_a_result_over_the_cap_is_result_too_large(app: Celery, server: str) -> None:
     with pytest.raises(ResultTooLarge):
-        invoke(app, "stateless", "big", {"size": 11 * 1024 * 1024}, timeout=30)
-    assert invoke(app, "stateless", "add", {"a": 1, "b": 1})["result"]["structuredContent"]["result"] == 2
+        invoke(app, server, "big", {"size": 11 * 1024 * 1024}, timeout=30)
+    assert invoke(app, server, "add", {"a": 1, "b": 1})["result"]["structuredContent"]["result"] == 2
+    assert len(_text(invoke(app, server, "big", {"size": 1024 * 1024}))) == 1024 * 1024  # under the cap
 
 
 def test_bearer_token_from_the_environment(app: Celery) -> None:

@@ -74,6 +74,8 @@ log = logging.getLogger("sark.streamable-http")
 _KIND = "streamable-http"
 _ENVELOPE = 65_536
 _CONNECT_TIMEOUT = 10.0
+#: What the SDK says of an SSE event over ``max_sse_event_size`` (httpx2's ``SSEError`` text, as of 2.16).
+_EVENT_TOO_LARGE = "byte limit"
 
 
 @dataclass
@@ -93,7 +95,7 @@ class _TooLarge(httpx2.StreamError):
 
 
 class _Capped(httpx2.AsyncByteStream):
-    """A response body that stops past ``limit`` bytes."""
+    """A JSON response body that stops past ``limit`` bytes (the SDK reads JSON bodies without a cap)."""
 
     def __init__(self, inner: httpx2.AsyncByteStream, limit: int, probes: list[_Probe]) -> None:
         self._inner, self._limit, self._probes = inner, limit, probes
@@ -132,8 +134,9 @@ class _Recorder(httpx2.AsyncBaseTransport):
         if post and response.status_code >= 400:
             for probe in probes:
                 probe.status = response.status_code
-        if not isinstance(response.stream, httpx2.AsyncByteStream):
-            return response
+        json_body = response.headers.get("content-type", "").lower().startswith("application/json")
+        if not (post and json_body and isinstance(response.stream, httpx2.AsyncByteStream)):
+            return response  # SSE bodies: the SDK caps each event (max_sse_event_size); a stream may run long
         return httpx2.Response(response.status_code, headers=response.headers,
                                stream=_Capped(response.stream, self._limit, probes),
                                extensions=response.extensions)
@@ -272,13 +275,13 @@ class ServerSessions:
                                    "size": probe.too_large})
         if probe.status is not None:
             return self._status_error(probe.status, what)
+        if exc.code == types.CONNECTION_CLOSED and _EVENT_TOO_LARGE in exc.error.message:
+            return ResultTooLarge(f"streamable-http server {name!r}: {exc.error.message}",
+                                  {"server": name, "what": "event", "limit": self._limit - _ENVELOPE})
         if probe.error is not None or exc.code == types.CONNECTION_CLOSED:
             reason = type(probe.error).__name__ if probe.error is not None else exc.error.message
             return GatewayUnavailable(f"streamable-http server {name!r}: connection lost during {what}: {reason}",
                                       {"server": name})
-        if "max_sse_event_size" in exc.error.message or "exceeds" in exc.error.message:
-            return ResultTooLarge(f"streamable-http server {name!r}: {exc.error.message}",
-                                  {"server": name, "what": "result", "limit": self._limit - _ENVELOPE})
         status = 400 if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST) else 502
         return ToolError(f"streamable-http server {name!r} answered error {exc.code}: {exc.error.message}",
                          {"server": name, "code": exc.code}, status_code=status)
