@@ -87,3 +87,24 @@ def test_check_config_names_unset_and_secret_variables(monkeypatch: pytest.Monke
                      ("warning", "servers.docs.url")}
     assert [p.level for p in check(_server(auth="forward"), settings)] == ["warning"]
     assert check(_server(), settings) == []
+
+
+def test_a_call_sends_its_own_token_never_the_sessions_newest() -> None:
+    import httpx2
+
+    from workers.transports.streamable_http import _Bearer, _Probe, _probe
+
+    auth = _Bearer("newest-of-the-identity")
+
+    def sent() -> str | None:
+        request = httpx2.Request("POST", "http://127.0.0.1:9/mcp")
+        return next(auth.auth_flow(request)).headers.get("Authorization")
+
+    assert sent() == "Bearer newest-of-the-identity"  # the session's own requests (handshake, GET stream)
+    reset = _probe.set(_Probe(token="this-call"))
+    try:
+        assert sent() == "Bearer this-call"
+    finally:
+        _probe.reset(reset)
+    assert _Bearer(None).auth_flow(httpx2.Request("GET", "http://127.0.0.1:9/")).__next__().headers.get(
+        "Authorization") is None

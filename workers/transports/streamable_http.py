@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +85,8 @@ class _Probe:
     status: int | None = None
     error: httpx2.TransportError | None = None
     too_large: int | None = None
+    #: The call's own token (``auth: forward``): sent with its requests, whoever else shares the session.
+    token: str | None = field(default=None, repr=False)
 
 
 _probe: contextvars.ContextVar[_Probe | None] = contextvars.ContextVar("sark_streamable_http_probe", default=None)
@@ -143,14 +145,21 @@ class _Recorder(httpx2.AsyncBaseTransport):
 
 
 class _Bearer(httpx2.Auth):
-    """``Authorization: Bearer <token>`` with the pool's current token (None: no header)."""
+    """``Authorization: Bearer <token>``: a call's requests carry the call's own token (its probe's), the
+    session's own requests (handshake, GET stream, DELETE) the newest token of the identity (None: no header).
+
+    Per request, not per session: the identity comes from unverified claims, so two callers presenting the
+    same ``sub`` may share a session, but neither ever sends the other's token.
+    """
 
     def __init__(self, token: str | None) -> None:
         self.token = token
 
     def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
-        if self.token:
-            request.headers["Authorization"] = f"Bearer {self.token}"
+        call = _probe.get()
+        token = call.token if call is not None and call.token else self.token
+        if token:
+            request.headers["Authorization"] = f"Bearer {token}"
         yield request
 
 
@@ -308,7 +317,7 @@ class ServerSessions:
                 for attempt in (1, 2):
                     gen, client = await self._sessions.session()
                     self._check_version(gen, client.protocol_version)
-                    probe = _Probe()
+                    probe = _Probe(token=token)
                     reset = _probe.set(probe)
                     try:
                         async with gen.use():
