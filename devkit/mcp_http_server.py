@@ -5,7 +5,8 @@ Tools: ``echo``, ``add``, ``progress`` (``count`` progress notifications), ``slo
 a per-session call counter). Options: ``--stateless`` (no sessions), ``--json`` (JSON answers instead of
 SSE), ``--token T`` (every request needs ``Authorization: Bearer T``, else 401), ``--events FILE`` (one
 line per tool start, end and cancellation: what the server saw), ``--legacy`` (2025-11-25 only:
-``initialize`` and ``Mcp-Session-Id``). On start it prints ``READY <port>``.
+``initialize`` and ``Mcp-Session-Id``), ``--http-error TOOL=STATUS`` (that HTTP status for a call of
+``TOOL``); tool ``rpc_error`` answers a JSON-RPC error. On start it prints ``READY <port>``.
 
 Run: ``python -m devkit.mcp_http_server --port 0 [--stateless] [--token T]``.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
 
 __all__ = ["build_app", "main"]
 
@@ -34,7 +36,7 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def build_app(*, stateless: bool = False, json_response: bool = False, token: str | None = None,
-              events: Path | None = None, legacy: bool = False) -> App:
+              events: Path | None = None, legacy: bool = False, http_errors: dict[str, int] | None = None) -> App:
     """The ASGI app: the SDK's Streamable HTTP app at ``/mcp``, behind a bearer check when ``token`` is set.
 
     ``legacy``: ``server/discover`` lists only 2025-11-25, so clients fall back to the ``initialize``
@@ -95,6 +97,11 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         raise ToolError(message)
 
     @server.tool()
+    def rpc_error(code: int = -32602, message: str = "bad params") -> str:
+        """Answer a JSON-RPC error (not an ``isError`` result)."""
+        raise MCPError(code, message)
+
+    @server.tool()
     def whoami(ctx: Context) -> dict[str, Any]:
         """The request's ``Mcp-Session-Id`` (None when stateless) and how many calls that session made."""
         request = ctx.request_context.request
@@ -104,7 +111,8 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         calls[key] += 1
         return {"session": session, "calls": calls[key]}
 
-    app: App = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
+    inner: App = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
+    app = inner if not http_errors else _failing(inner, http_errors)
     if token is None:
         return app
     expected = f"Bearer {token}".encode()
@@ -123,6 +131,38 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
     return guarded
 
 
+def _failing(app: App, statuses: dict[str, int]) -> App:
+    """``app``, but a ``tools/call`` of a tool named in ``statuses`` is answered with that HTTP status."""
+
+    async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = bool(message.get("more_body"))
+        status = next((code for tool, code in statuses.items() if f'"name":"{tool}"'.encode() in body), None)
+        if status is not None:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"failing on purpose"})
+            return
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay, send)
+
+    return failing
+
+
 def main(argv: list[str] | None = None) -> None:
     """Serve on loopback until killed."""
     import uvicorn
@@ -134,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token")
     parser.add_argument("--events", type=Path)
     parser.add_argument("--legacy", action="store_true", help="2025-11-25 only: initialize + Mcp-Session-Id")
+    parser.add_argument("--http-error", action="append", default=[], metavar="TOOL=STATUS",
+                        help="answer a tools/call of TOOL with that HTTP status")
     args = parser.parse_args(argv)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -142,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", args.port))
     sock.listen(128)  # connections wait in the backlog from READY on
+    http_errors = {tool: int(code) for tool, _, code in (e.partition("=") for e in args.http_error)}
     app = build_app(stateless=args.stateless, json_response=args.json, token=args.token, events=args.events,
-                    legacy=args.legacy)
+                    legacy=args.legacy, http_errors=http_errors)
     print(f"READY {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])

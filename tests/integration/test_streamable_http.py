@@ -20,10 +20,12 @@ from tests.helpers import invoke, send_invoke, settings_with
 from workers.client import CANCEL_COMMAND
 from workers.errors import (
     AuthenticationFailed,
+    AuthorizationDenied,
     Cancelled,
     GatewayUnavailable,
     InvocationTimeout,
     ResultTooLarge,
+    ToolError,
     TransportError,
 )
 from workers.streams import reader as stream_client
@@ -72,6 +74,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, McpS
         "stateless": _start("--stateless"),  # 2026-07-28
         "secured": _start("--token", SECRET),
         "victim": _start("--legacy"),
+        "failing": _start("--legacy", "--http-error", "down=503", "--http-error", "forbidden=403"),
     }
     started["stateful"].events = events  # type: ignore[attr-defined]
     yield started
@@ -91,6 +94,7 @@ servers:
   secured-wrong: {{transport: streamable-http, url: "{servers['secured'].url}", auth: bearer-env,
                   token_env: MCP_WRONG}}
   secured-absent: {{transport: streamable-http, url: "{servers['secured'].url}"}}
+  failing: {{transport: streamable-http, url: "{servers['failing'].url}", breaker: {{fail_max: 50}}}}
   victim: {{transport: streamable-http, url: "{servers['victim'].url}", breaker: {{fail_max: 50}}}}
 """)
     env = {"SARK_REGISTRY_PATH": str(registry), "MCP_GOOD": SECRET, "MCP_WRONG": "not-it"}
@@ -200,6 +204,23 @@ def test_bearer_token_from_the_environment(app: Celery) -> None:
             invoke(app, server, "add", {"a": 1, "b": 2})
         assert raised.value.detail["status_code"] == 401
         assert SECRET not in str(raised.value) and "not-it" not in str(raised.value)
+
+
+def test_http_statuses_and_json_rpc_errors_follow_the_table(app: Celery) -> None:
+    session = _whoami(app, "failing")["session"]
+    with pytest.raises(ToolError) as down:
+        invoke(app, "failing", "down")
+    assert down.value.status_code == 503 and down.value.counts_as_failure
+    with pytest.raises(AuthorizationDenied) as forbidden:
+        invoke(app, "failing", "forbidden")
+    assert forbidden.value.detail["status_code"] == 403
+    with pytest.raises(ToolError) as rpc:
+        invoke(app, "failing", "rpc_error", {"code": -32602, "message": "bad params"})
+    assert rpc.value.status_code == 400 and "bad params" in str(rpc.value)
+    with pytest.raises(ToolError) as internal:
+        invoke(app, "failing", "rpc_error", {"code": -32603, "message": "oops"})
+    assert internal.value.status_code == 502
+    assert session and _whoami(app, "failing")["session"] == session  # the session outlived every one of them
 
 
 def test_forwarded_tokens_of_two_users_never_share_a_session(app: Celery) -> None:

@@ -330,8 +330,8 @@ class ServerSessions:
                                      extra={"streamable-http_server": name})
                             gen.retire("session expired")
                             continue
-                        if probe.status is not None or probe.error is not None:
-                            gen.retire(f"HTTP {probe.status}" if probe.status else "connection error")
+                        if probe.error is not None:  # an error status leaves the session usable
+                            gen.retire("connection error")
                         raise self._error(exc, probe, gen, repr(tool)) from None
                     finally:
                         _probe.reset(reset)
