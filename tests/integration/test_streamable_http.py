@@ -24,6 +24,7 @@ from workers.errors import (
     Cancelled,
     GatewayUnavailable,
     InvocationTimeout,
+    ProtocolError,
     ResultTooLarge,
     ToolError,
     TransportError,
@@ -94,6 +95,8 @@ servers:
   secured-wrong: {{transport: streamable-http, url: "{servers['secured'].url}", auth: bearer-env,
                   token_env: MCP_WRONG}}
   secured-absent: {{transport: streamable-http, url: "{servers['secured'].url}"}}
+  pinned: {{transport: streamable-http, url: "{servers['stateful'].url}", protocol_version: "2025-11-25"}}
+  pinned-other: {{transport: streamable-http, url: "{servers['stateful'].url}", protocol_version: "2026-07-28"}}
   failing: {{transport: streamable-http, url: "{servers['failing'].url}", breaker: {{fail_max: 50}}}}
   victim: {{transport: streamable-http, url: "{servers['victim'].url}", breaker: {{fail_max: 50}}}}
 """)
@@ -148,6 +151,12 @@ def test_the_stateful_session_is_warm_and_the_stateless_server_has_none(app: Cel
     assert first["session"] and first["session"] == second["session"]
     assert second["calls"] == int(first["calls"]) + 1  # type: ignore[call-overload]
     assert _whoami(app, "stateless")["session"] is None
+
+
+def test_a_pinned_revision_refuses_a_session_of_another(app: Celery) -> None:
+    assert invoke(app, "pinned", "add", {"a": 1, "b": 2})["result"]["structuredContent"]["result"] == 3
+    with pytest.raises(ProtocolError, match="speaks MCP 2025-11-25, the registry pins 2026-07-28"):
+        invoke(app, "pinned-other", "add", {"a": 1, "b": 2})
 
 
 def test_list_tools(app: Celery) -> None:
