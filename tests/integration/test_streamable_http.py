@@ -153,6 +153,12 @@ def test_the_stateful_session_is_warm_and_the_stateless_server_has_none(app: Cel
     assert _whoami(app, "stateless")["session"] is None
 
 
+def test_concurrent_calls_share_the_warm_session(app: Celery) -> None:
+    session = _whoami(app, "stateful")["session"]
+    pending = [send_invoke(app, "stateful", "whoami") for _ in range(20)]
+    assert {p.get(timeout=30)["result"]["structuredContent"]["session"] for p in pending} == {session}
+
+
 def test_a_pinned_revision_refuses_a_session_of_another(app: Celery) -> None:
     assert invoke(app, "pinned", "add", {"a": 1, "b": 2})["result"]["structuredContent"]["result"] == 3
     with pytest.raises(ProtocolError, match="speaks MCP 2025-11-25, the registry pins 2026-07-28"):
