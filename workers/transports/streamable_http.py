@@ -76,6 +76,8 @@ _ENVELOPE = 65_536
 _CONNECT_TIMEOUT = 10.0
 #: What the SDK says of an SSE event over ``max_sse_event_size`` (httpx2's ``SSEError`` text, as of 2.16).
 _EVENT_TOO_LARGE = "byte limit"
+#: The SDK's words for an error status without a JSON-RPC body (its stand-ins; the status says more).
+_STAND_INS = ("Server returned an error response", "Session terminated", "Not Found")
 
 
 @dataclass
@@ -276,13 +278,13 @@ class ServerSessions:
         return status_error(status, f"streamable-http server {name!r} answered HTTP {status} to {what}",
                             {"server": name})
 
-    def _error(self, exc: MCPError, probe: _Probe, gen: Generation[HttpLink], what: str) -> SarkError:
+    def _error(self, exc: MCPError, probe: _Probe, what: str) -> SarkError:
         name = self.server.name
         if probe.too_large is not None:
             return ResultTooLarge(f"streamable-http server {name!r}: answer over {self._limit - _ENVELOPE} bytes",
                                   {"server": name, "what": "result", "limit": self._limit - _ENVELOPE,
                                    "size": probe.too_large})
-        if probe.status is not None:
+        if probe.status is not None and (probe.status in (401, 403) or exc.error.message in _STAND_INS):
             return self._status_error(probe.status, what)
         if exc.code == types.CONNECTION_CLOSED and _EVENT_TOO_LARGE in exc.error.message:
             return ResultTooLarge(f"streamable-http server {name!r}: {exc.error.message}",
@@ -292,6 +294,8 @@ class ServerSessions:
             return GatewayUnavailable(f"streamable-http server {name!r}: connection lost during {what}: {reason}",
                                       {"server": name})
         status = 400 if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST) else 502
+        if probe.status is not None:  # a JSON-RPC error in the body of an error status (2026-07-28 servers)
+            status = probe.status
         return ToolError(f"streamable-http server {name!r} answered error {exc.code}: {exc.error.message}",
                          {"server": name, "code": exc.code}, status_code=status)
 
@@ -332,7 +336,7 @@ class ServerSessions:
                             continue
                         if probe.error is not None:  # an error status leaves the session usable
                             gen.retire("connection error")
-                        raise self._error(exc, probe, gen, repr(tool)) from None
+                        raise self._error(exc, probe, repr(tool)) from None
                     finally:
                         _probe.reset(reset)
                 if forwarder is not None:
@@ -356,11 +360,10 @@ class ServerSessions:
             raise missing
         name = self.server.name
         tools: list[GatewayToolInfo] = []
-        gen: Generation[HttpLink] | None = None
         probe = _Probe()
         try:
             async with asyncio.timeout(timeout):
-                gen, client = await self._sessions.session()
+                _, client = await self._sessions.session()
                 reset = _probe.set(probe)
                 try:
                     cursor: str | None = None
@@ -376,8 +379,7 @@ class ServerSessions:
             raise DiscoveryTimeout(f"streamable-http server {name!r}: tools/list not answered within {timeout:g}s",
                                    {"server": name}) from None
         except MCPError as exc:
-            assert gen is not None
-            raise self._error(exc, probe, gen, "tools/list") from None
+            raise self._error(exc, probe, "tools/list") from None
         raise ProtocolError(f"streamable-http server {name!r}: tools/list returned more than {LIST_PAGES_MAX} pages",
                             {"server": name})
 
