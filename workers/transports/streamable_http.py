@@ -11,13 +11,14 @@ shares one ``httpx2`` connection pool.
 Errors (the table is :data:`workers.errors.FAILURES`): HTTP 401 → ``AuthenticationFailed``, 403 →
 ``AuthorizationDenied``, other statuses >= 400 → ``ToolError(status)`` (:func:`workers.errors.status_error`);
 connection refused, reset or lost mid-call → ``GatewayUnavailable`` (a breaker failure); a JSON-RPC error →
-``ToolError`` (its HTTP status if any, else 400 for bad params or an unknown method, else 502); an ``isError`` result is a normal
-outcome; an answer over ``max_result_bytes`` (a JSON body, or one SSE event: the SDK's ``max_sse_event_size``)
-→ ``ResultTooLarge``; a session of another revision than a pinned ``protocol_version`` → ``ProtocolError``
-(the session pool connects with ``mode="auto"``: the pin is checked, not negotiated); no answer in time →
-``InvocationTimeout`` (the SDK abandons the request: ``notifications/cancelled`` on 2025-11-25, the response stream closed on
-2026-07-28); a session the server no longer knows (404 on ``Mcp-Session-Id``: it restarted) → a new
-session and the call sent once more (a 404 proves the tool was not reached).
+``ToolError`` (its HTTP status if any, else 400 for bad params or an unknown method, else 502); an
+``isError`` result is a normal outcome; an answer over ``max_result_bytes`` (a JSON body, or one SSE event:
+the SDK's ``max_sse_event_size``) → ``ResultTooLarge``; a session of another revision than a pinned
+``protocol_version`` → ``ProtocolError`` (the session pool connects with ``mode="auto"``: the pin is
+checked, not negotiated); no answer in time → ``InvocationTimeout`` (the SDK abandons the request:
+``notifications/cancelled`` on 2025-11-25, the response stream closed on 2026-07-28); a session the
+server no longer knows (404 on ``Mcp-Session-Id``: it restarted) → a new session and the call sent once
+more (a 404 proves the tool was not reached).
 
 SDK limitation worked around here: the SDK's Streamable HTTP client drops the HTTP status of an error
 answer (any status but 404 becomes JSON-RPC ``INTERNAL_ERROR "Server returned an error response"``) and a
