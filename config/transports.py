@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from config.registry import ServerBase
-    from config.settings import Settings
 
 __all__ = [
     "BUILTIN",
@@ -96,10 +95,6 @@ class TransportSpec:
             object.__setattr__(self, "default_queue", f"sark.{self.name}")
         if not self.family:
             object.__setattr__(self, "family", self.name)
-
-    def queue(self, settings: Settings) -> str:
-        """The queue carrying this transport's invocations under ``settings``."""
-        return settings.queue_for(self.name)
 
     def build(self, context: Any) -> Any:
         """The transport, built by its factory for one worker process."""

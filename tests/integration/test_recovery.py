@@ -175,8 +175,7 @@ def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(
         survivor = next(p for p in sweepers if p is not sweeper)
         row.collect(pendings, killed, patience=PATIENCE + 30)
         print(f"\nsweeper {sweeper.popen.pid} killed with {left} message(s) still to put back")
-        port = int(private_redis.url.rsplit(":", 1)[1].split("/")[0])
-        verdicts = popped_and_never_recorded(private_redis.url, stack.log_dir / f"redis-{port}",
+        verdicts = popped_and_never_recorded(private_redis.url, _data_dir(stack, private_redis),
                                              [p.id for p in pendings if not p.ready()])
     finally:
         (survivor or sweepers[1]).stop()
@@ -312,10 +311,8 @@ def test_the_aof_proof_tells_a_message_lost_in_transit_from_one_recorded(stack: 
     taken = conn.rpop("proof.queue")  # unacked: popped and recorded, as QoS.append does
     conn.hset("unacked", "tag", b"[" + bytes(taken or b"") + b', "", "proof.queue"]')
     conn.close()
-    port = int(private_redis.url.rsplit(":", 1)[1].split("/")[0])
-
     def verdicts() -> dict[str, str]:
-        return popped_and_never_recorded(private_redis.url, stack.log_dir / f"redis-{port}", list(ids.values()))
+        return popped_and_never_recorded(private_redis.url, _data_dir(stack, private_redis), list(ids.values()))
 
     wait_for(lambda: verdicts()[ids["unacked"]].startswith("last: HSET"), 5, "the AOF (appendfsync everysec)")
     assert verdicts()[ids["in_transit"]] == "in transit"

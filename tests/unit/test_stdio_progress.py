@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from workers.models import Chunk
-from workers.transports.stdio import _ProgressForwarder
+from workers.transports.mcp_calls import ProgressForwarder
 
 
 def _progress(chunk: Chunk) -> float:
@@ -22,7 +22,7 @@ def test_flood_against_a_stalled_sink_keeps_a_bounded_queue_and_the_newest_state
             await release.wait()  # Redis stalled: nothing leaves the queue during the flood
             delivered.append(chunk)
 
-        forwarder = _ProgressForwarder(sink, limit=100)
+        forwarder = ProgressForwarder(sink, limit=100)
         for i in range(1, 50_001):
             await forwarder.on_progress(float(i), 50_000.0, f"step {i}")
         waiting = len(forwarder._pending) + (forwarder._newest is not None)
@@ -45,7 +45,7 @@ def test_message_bytes_are_bounded_too() -> None:
         async def sink(chunk: Chunk) -> None:
             await release.wait()
 
-        forwarder = _ProgressForwarder(sink, limit=1_000, limit_bytes=100_000)
+        forwarder = ProgressForwarder(sink, limit=1_000, limit_bytes=100_000)
         for i in range(500):
             await forwarder.on_progress(float(i), None, "m" * 10_000)  # 5 MB of messages offered
         waiting = sum(len(d["message"]) for d in forwarder._pending)
@@ -61,7 +61,7 @@ def test_a_failing_sink_stops_delivery_and_drain_reports_it() -> None:
         async def sink(chunk: Chunk) -> None:
             raise RuntimeError("stream over its limit")
 
-        forwarder = _ProgressForwarder(sink, limit=10)
+        forwarder = ProgressForwarder(sink, limit=10)
         for i in range(10_000):
             await forwarder.on_progress(float(i), None, None)
             if i % 100 == 0:

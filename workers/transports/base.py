@@ -88,8 +88,3 @@ class BuildContext:
         from workers.gateway.client import GatewayClient
 
         return GatewayClient(self.settings)
-
-    def gateway_if_built(self) -> GatewayClient | None:
-        """The Gateway client if a factory asked for it."""
-        built: GatewayClient | None = self.__dict__.get("gateway")
-        return built

@@ -17,14 +17,13 @@ abandoned call), to ``tools/list`` → ``DiscoveryTimeout``; an answer over ``ma
 itself runs into (open files, address space) is the tool's own failure: an ``is_error`` result.
 
 Progress notifications become stream chunks through a bounded queue per call: a flood is coalesced
-(the newest state is kept), never buffered without limit (see :class:`_ProgressForwarder`).
+(the newest state is kept), never buffered without limit (see :class:`~workers.transports.mcp_calls.ProgressForwarder`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,20 +43,17 @@ from workers.errors import (
     ServerCrashed,
     ToolError,
 )
-from workers.models import Chunk, GatewayToolInfo
+from workers.models import GatewayToolInfo
 from workers.transports.base import BuildContext, Call, ChunkSink, ToolOutcome
-from workers.transports.session_pool import LIST_PAGES_MAX, Generation, PoolSettings, SessionPool
+from workers.transports.mcp_calls import ProgressForwarder, list_every_tool, outcome_of
+from workers.transports.session_pool import Generation, PoolSettings, SessionPool
 from workers.transports.stdio_process import OUTPUT_TOO_LARGE, StdioPipe
 
 __all__ = ["ServerPool", "StdioTransport", "build"]
 
 log = logging.getLogger("sark.stdio")
 
-_LIST_PAGES_MAX = LIST_PAGES_MAX
 _ENVELOPE = 65_536
-# Progress notifications waiting for a slow sink (Redis) per call; past these, the newest replaces the rest.
-_PROGRESS_PENDING = 256
-_PROGRESS_PENDING_BYTES = 1_048_576
 
 
 def stdio_server(server: ServerBase) -> StdioServer:
@@ -132,7 +128,7 @@ class ServerPool:
         Raises:
             SarkError: see the module docstring.
         """
-        forwarder = _ProgressForwarder(sink) if sink is not None else None
+        forwarder = ProgressForwarder(sink) if sink is not None else None
         gen: Generation[StdioPipe] | None = None
         try:
             async with asyncio.timeout(timeout), self._sessions.slots:
@@ -158,115 +154,26 @@ class ServerPool:
             if forwarder is not None:
                 forwarder.close()
         self._sessions.succeeded()
-        data = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return ToolOutcome(result=data, is_error=bool(result.is_error), chunks=forwarder.count if forwarder else 0)
+        return outcome_of(result, forwarder)
 
     async def list_tools(self, *, timeout: float) -> list[GatewayToolInfo]:
         """Every tool of the server, following ``nextCursor`` pages."""
         name = self.server.name
-        tools: list[GatewayToolInfo] = []
         gen: Generation[StdioPipe] | None = None
         try:
             async with asyncio.timeout(timeout):
                 gen, client = await self._sessions.session()
-                cursor: str | None = None
-                for _ in range(_LIST_PAGES_MAX):
-                    page = await client.list_tools(cursor=cursor)
-                    tools.extend(_tool_info(name, tool) for tool in page.tools)
-                    cursor = page.next_cursor
-                    if not cursor:
-                        return tools
+                return await list_every_tool(client, "stdio", name)
         except TimeoutError:
             raise DiscoveryTimeout(f"stdio server {name!r}: tools/list not answered within {timeout:g}s",
                                    {"server": name}) from None
         except MCPError as exc:
             assert gen is not None
             raise self._error(gen, exc, DiscoveryTimeout) from None
-        raise ProtocolError(f"stdio server {name!r}: tools/list returned more than {_LIST_PAGES_MAX} pages",
-                            {"server": name})
 
     async def close(self) -> None:
         """Stop every generation (calls still in flight fail) and wait until its process is gone."""
         await self._sessions.close()
-
-
-def _tool_info(server: str, tool: types.Tool) -> GatewayToolInfo:
-    schema = tool.input_schema or {}
-    required = set(schema.get("required") or [])
-    properties = schema.get("properties") or {}
-    parameters = [
-        {"name": key, "required": key in required, **(value if isinstance(value, dict) else {})}
-        for key, value in properties.items()
-    ]
-    return GatewayToolInfo(tool_name=tool.name, server_name=server, description=tool.description or "",
-                           parameters=parameters)
-
-
-class _ProgressForwarder:
-    """Turns progress notifications into chunks, delivered to the sink in order by one task.
-
-    Bounded: at most ``limit`` notifications (``limit_bytes`` of messages) wait for the sink. Past
-    that, notifications are coalesced: only the newest waits, and is delivered once the queue drained;
-    the ones it replaced are counted in :attr:`coalesced` and never become chunks. Progress reports a
-    state, so the newest one says everything the skipped ones did; chunk ``seq`` stays contiguous.
-
-    Why not backpressure: the SDK spawns one task per notification and does not wait for it, so waiting
-    here would pile up tasks (and reorder them) instead of slowing the server; and one session serves
-    every concurrent call of the worker: a slow stream must not stall the others.
-    """
-
-    def __init__(self, sink: ChunkSink, *, limit: int = _PROGRESS_PENDING,
-                 limit_bytes: int = _PROGRESS_PENDING_BYTES) -> None:
-        self._sink = sink
-        self._limit, self._limit_bytes = limit, limit_bytes
-        self._pending: deque[dict[str, Any]] = deque()
-        self._bytes = 0
-        self._newest: dict[str, Any] | None = None
-        self._more = asyncio.Event()
-        self._ending = False
-        self._task = asyncio.ensure_future(self._run())
-        #: Chunks delivered to the sink so far (their ``seq`` run from 0).
-        self.count = 0
-        #: Notifications replaced by a newer one while the queue was full.
-        self.coalesced = 0
-
-    async def on_progress(self, progress: float, total: float | None, message: str | None) -> None:
-        """The SDK's progress callback; never waits (see the class docstring)."""
-        data: dict[str, Any] = {"progress": progress, "total": total, "message": message}
-        size = len(message or "")
-        if self._newest is None and len(self._pending) < self._limit and self._bytes + size <= self._limit_bytes:
-            self._pending.append(data)
-            self._bytes += size
-        else:  # full: keep only the newest; queued ones go first, so the order is kept
-            self.coalesced += self._newest is not None
-            self._newest = data
-        self._more.set()
-
-    async def _run(self) -> None:
-        while True:
-            if not self._pending and self._newest is not None:
-                self._pending.append(self._newest)
-                self._newest = None
-            if self._pending:
-                data = self._pending.popleft()
-                self._bytes -= len(data["message"] or "")
-                await self._sink(Chunk(seq=self.count, event_type="progress", data=data))
-                self.count += 1
-            elif self._ending:
-                return
-            else:
-                self._more.clear()
-                await self._more.wait()
-
-    async def drain(self) -> None:
-        """Wait until every chunk so far reached the sink (re-raising the sink's error)."""
-        self._ending = True
-        self._more.set()
-        await self._task
-
-    def close(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
 
 
 class StdioTransport:

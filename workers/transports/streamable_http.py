@@ -65,8 +65,8 @@ from workers.errors import (
 )
 from workers.models import GatewayToolInfo
 from workers.transports.base import BuildContext, Call, ChunkSink, ToolOutcome
-from workers.transports.session_pool import LIST_PAGES_MAX, Generation, PoolSettings, SessionPool
-from workers.transports.stdio import _ProgressForwarder, _tool_info
+from workers.transports.mcp_calls import ProgressForwarder, list_every_tool, outcome_of
+from workers.transports.session_pool import Generation, PoolSettings, SessionPool
 
 if TYPE_CHECKING:
     from mcp.client._transport import TransportStreams
@@ -318,7 +318,7 @@ class ServerSessions:
             raise missing
         if token:
             self.auth.token = token  # the newest token of this identity
-        forwarder = _ProgressForwarder(sink) if sink is not None else None
+        forwarder = ProgressForwarder(sink) if sink is not None else None
         name = self.server.name
         try:
             async with asyncio.timeout(timeout), self._sessions.slots:
@@ -355,28 +355,20 @@ class ServerSessions:
             if forwarder is not None:
                 forwarder.close()
         self._sessions.succeeded()
-        data = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return ToolOutcome(result=data, is_error=bool(result.is_error), chunks=forwarder.count if forwarder else 0)
+        return outcome_of(result, forwarder)
 
     async def list_tools(self, *, timeout: float) -> list[GatewayToolInfo]:
         """Every tool of the server, following ``nextCursor`` pages."""
         if (missing := self._missing()) is not None:
             raise missing
         name = self.server.name
-        tools: list[GatewayToolInfo] = []
         probe = _Probe()
         try:
             async with asyncio.timeout(timeout):
                 _, client = await self._sessions.session()
                 reset = _probe.set(probe)
                 try:
-                    cursor: str | None = None
-                    for _ in range(LIST_PAGES_MAX):
-                        page = await client.list_tools(cursor=cursor)
-                        tools.extend(_tool_info(name, tool) for tool in page.tools)
-                        cursor = page.next_cursor
-                        if not cursor:
-                            return tools
+                    return await list_every_tool(client, "streamable-http", name)
                 finally:
                     _probe.reset(reset)
         except TimeoutError:
@@ -384,8 +376,6 @@ class ServerSessions:
                                    {"server": name}) from None
         except MCPError as exc:
             raise self._error(exc, probe, "tools/list") from None
-        raise ProtocolError(f"streamable-http server {name!r}: tools/list returned more than {LIST_PAGES_MAX} pages",
-                            {"server": name})
 
     async def close(self) -> None:
         """Stop the session (calls still in flight fail)."""
