@@ -15,6 +15,7 @@ import httpx
 import pytest
 from celery import Celery
 
+from config.settings import get_settings
 from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack, Proc
 
 
@@ -27,10 +28,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     with DevStack(workdir, extra_env={"SARK_REGISTRY_PATH": str(registry)}) as st:
         st.start(record_headers=True)  # some tests check the headers the Gateway received
         st.apply_env()
+        # Settings read before the stack existed (a unit test importing workers.app) point at 6379.
+        get_settings.cache_clear()
         yield st
     for key in [k for k in os.environ if k.startswith("SARK_")]:
         del os.environ[key]
     os.environ.update(saved)
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
