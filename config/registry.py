@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "AccessPolicy",
@@ -266,15 +275,30 @@ class Registry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    servers: dict[str, ServerBase] = Field(default_factory=dict)
+    # SerializeAsAny: a dump keeps each entry's own fields (command, url…), not only ServerBase's.
+    servers: dict[str, SerializeAsAny[ServerBase]] = Field(default_factory=dict)
 
     @field_validator("servers", mode="before")
     @classmethod
     def _entries_by_transport(cls, servers: object) -> object:
-        """Entries given as mappings are validated by the server model of their ``transport``."""
-        if not isinstance(servers, dict) or all(isinstance(v, ServerBase) for v in servers.values()):
+        """Entries given as mappings are validated by the server model of their ``transport``; entries given
+        as models must be instances of that model (a bare ``ServerBase``, or a transport the catalog lacks,
+        is refused here rather than at the first call)."""
+        if not isinstance(servers, dict):
             return servers
-        return _servers_adapter().validate_python(servers)
+        if not all(isinstance(v, ServerBase) for v in servers.values()):
+            return _servers_adapter().validate_python(servers)
+        from config.transports import UnknownTransport, get_spec
+
+        for name, server in servers.items():
+            try:
+                model = get_spec(server.transport).server_model
+            except UnknownTransport as exc:
+                raise ValueError(f"server {name!r}: {exc}") from None
+            if not isinstance(server, model):
+                raise ValueError(f"server {name!r}: a {server.transport} server must be a {model.__name__}, "
+                                 f"not a {type(server).__name__}")
+        return servers
 
     def get(self, name: str) -> ServerBase | None:
         """The server called ``name``, or None."""
@@ -286,21 +310,37 @@ class Registry(BaseModel):
 
 
 def _servers_adapter() -> TypeAdapter[dict[str, ServerBase]]:
-    """Validates a mapping of entries, each by the server model its ``transport`` names (the catalog's)."""
+    """Validates a mapping of entries, each by the server model its ``transport`` names (the catalog's).
+
+    Built once per catalog and published as one (models, adapter) pair: concurrent first calls (a client's
+    threads enqueueing at once) each see a whole pair, never half of one.
+
+    Raises:
+        RegistryError: the catalog cannot be loaded (a plug-in that does not import or is not valid).
+    """
     from config.transports import catalog
 
-    models = tuple(dict.fromkeys(spec.server_model for spec in catalog().values()))
-    if _adapters.get("models") != models:
+    try:
+        specs = catalog()
+    except (ImportError, ValueError, TypeError, AttributeError) as exc:
+        raise RegistryError(f"transport catalog: {exc}") from exc
+    models = tuple(dict.fromkeys(spec.server_model for spec in specs.values()))
+    built = _adapter
+    if built is None or built[0] != models:
         entry: Any = models[0]
         if len(models) > 1:
             entry = Annotated[Union[models], Field(discriminator="transport")]  # noqa: UP007
-        _adapters["models"] = models
-        _adapters["adapter"] = TypeAdapter(dict[str, entry])
-    adapter: TypeAdapter[dict[str, ServerBase]] = _adapters["adapter"]
-    return adapter
+        built = (models, TypeAdapter(dict[str, entry]))
+        _publish_adapter(built)
+    return built[1]
 
 
-_adapters: dict[str, Any] = {}
+def _publish_adapter(built: tuple[tuple[type[ServerBase], ...], TypeAdapter[dict[str, ServerBase]]]) -> None:
+    global _adapter
+    _adapter = built  # one assignment: readers see the old pair or the new one
+
+
+_adapter: tuple[tuple[type[ServerBase], ...], TypeAdapter[dict[str, ServerBase]]] | None = None
 
 
 def load_registry(path: Path) -> Registry:

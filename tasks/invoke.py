@@ -35,6 +35,7 @@ from workers.errors import (
     InternalError,
     InvalidInvocation,
     InvocationTimeout,
+    NotServedHere,
     SarkError,
     StoreUnavailable,
     UnknownServer,
@@ -44,6 +45,7 @@ from workers.leases import TAKEN_HEADER, max_waits, taken_lease
 from workers.runtime import Runtime, current_runtime, get_runtime
 from workers.scrub import scrub_error
 from workers.tokens import check_operator_signature
+from workers.transports.base import Transport
 
 __all__ = ["breakers", "get_server", "health", "invoke", "list_servers", "list_tools"]
 
@@ -67,6 +69,9 @@ _RELEASE_WAIT = 1.0
 _LEASE_WAITS_HEADER = "sark_lease_waits"
 #: Attribute of the task's request holding this execution's lease token (for :func:`_release_after_outcome`).
 _LEASE_ATTR = "sark_lease"
+#: Message header of an invocation (or listing) forwarded to its transport's queue by a worker that does not
+#: serve the transport (:class:`~workers.errors.NotServedHere`): it is forwarded once, never in a loop.
+_FORWARDED_HEADER = "sark_forwarded"
 
 
 def _run(runtime: Runtime, coro: Coroutine[Any, Any, T], timeout: float,
@@ -92,6 +97,34 @@ def _header(task: Task, name: str) -> object:
     headers = task.request.headers or {}
     value = headers.get(name)
     return value if value is not None else getattr(task.request, name, None)
+
+
+def _arrived_on(task: Task) -> object:
+    """The queue the task's message came from (its routing key: Celery's queues route by their name)."""
+    return (task.request.delivery_info or {}).get("routing_key")
+
+
+def _forward(task: Task, exc: NotServedHere, **options: Any) -> None:
+    """Re-publish the task, same id and headers, to the queue of the transport this worker does not serve,
+    and end this delivery without a state (``Ignore``). A task forwarded before fails with ``exc``.
+
+    Raises:
+        NotServedHere: the task was forwarded once already.
+        Ignore: it was forwarded.
+        Reject: the broker is unreachable: the message goes back to its queue instead.
+    """
+    queue = str(exc.detail["queue"])
+    if _header(task, _FORWARDED_HEADER) is not None:
+        raise exc
+    headers = {**(task.request.headers or {}), _FORWARDED_HEADER: queue}
+    again = task.signature_from_request(task.request, None, None, queue=queue, headers=headers, **options)
+    try:
+        again.apply_async()
+    except Exception as publish_error:
+        raise Reject(f"cannot forward: {type(publish_error).__name__}", requeue=True) from None
+    log.info("task %s: transport %s is not served here; forwarded to %s", task.request.id,
+             exc.detail.get("transport"), queue)
+    raise Ignore()
 
 
 def _shown(invocation: Any) -> dict[str, str]:
@@ -130,6 +163,7 @@ def _release_after_outcome(task: Task, status: str, retval: Any, task_id: str, a
 def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     """Carry out one MCP tool invocation; returns InvocationResult JSON or raises a SarkError."""
     runtime = get_runtime()
+    runtime.serve_queue(_arrived_on(self))
     s = runtime.settings
     request_id = str(self.request.id)
     # The loop enforces the call's own timeouts; this is the outer bound on waiting for it.
@@ -166,6 +200,9 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
         log.info("invocation %s runs elsewhere: this delivery waits %.1fs for its lease", request_id,
                  exc.retry_after + _LEASE_RETRY_MARGIN)
         raise Ignore() from None
+    except NotServedHere as exc:
+        runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
+        _forward(self, exc, **_shown(invocation))
     except Cancelled:
         if runtime.draining:  # interrupted by the worker's shutdown, not by the caller: run it elsewhere
             runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
@@ -211,8 +248,9 @@ def get_server(self: Task, server_id: str) -> dict[str, Any] | None:
 def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
     """Tools of a registry server (through its transport), or every Gateway tool when None."""
     runtime = get_runtime()
+    runtime.serve_queue(_arrived_on(self))
     if server is None:
-        tools = _run(runtime, runtime.transport("http").list_tools(None), _discovery_wait(runtime))
+        tools = _run(runtime, _transport(self, runtime, "http").list_tools(None), _discovery_wait(runtime))
     else:
         entry = runtime.registry.get(server)
         if entry is None:
@@ -220,7 +258,7 @@ def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
         if entry.policy is not None:  # listing starts the server: the same callers as for a call
             token = open_call_token(runtime.settings, _header(self, TOKEN_HEADER), str(self.request.id))
             authorize(entry.name, entry.policy, token, runtime.verifier, runtime.settings)
-        transport = runtime.transport(listing_transport(entry))
+        transport = _transport(self, runtime, listing_transport(entry))
         tools = _run(runtime, transport.list_tools(entry), _discovery_wait(runtime))
     return [t.model_dump(mode="json") for t in tools]
 
@@ -252,6 +290,15 @@ def breakers(self: Task, action: str = "list", target: str | None = None) -> lis
         check_operator_signature(_header(self, OPERATOR_HEADER), key=key.get_secret_value() if key else None,
                                  task_id=str(self.request.id), action=str(action), target=target)
     return _run(runtime, breaker_command(runtime.breakers, action, target), _WAIT_MARGIN + 5.0, StoreUnavailable)
+
+
+def _transport(task: Task, runtime: Runtime, name: str) -> Transport:
+    """The transport ``name`` of this worker; when it does not serve it, the task is forwarded to its queue."""
+    try:
+        return runtime.transport(name)
+    except NotServedHere as exc:
+        _forward(task, exc)
+        raise  # not reached: _forward raises
 
 
 def _discovery_wait(runtime: Runtime) -> float:

@@ -24,7 +24,7 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
-from config.transports import UnknownTransport, default_transport, listing_transport
+from config.transports import UnknownTransport, catalog, default_transport, listing_transport
 from workers.broker import broker_transport
 from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
 from workers.leases import taken_with_messages
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from workers.runtime import Runtime
 from workers.taskbase import task_class
 
-__all__ = ["app", "create_app"]
+__all__ = ["app", "create_app", "every_queue"]
 
 log = logging.getLogger("sark.app")
 # One line per HTTP request at INFO is noise on a busy worker.
@@ -91,6 +91,11 @@ class InvocationRouter:
             return self._settings.queue_http  # refused there (InvalidInvocation), not lost in a queue of its own
 
 
+def every_queue(settings: Settings) -> list[str]:
+    """The queue of every transport of the catalog, each once, the default (``queue_http``) first."""
+    return list(dict.fromkeys([settings.queue_http, *(settings.queue_for(name) for name in catalog())]))
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured from ``settings`` (default: the environment)."""
     settings = settings or get_settings()
@@ -133,7 +138,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         result_backend_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        task_queues=[Queue(settings.queue_http), Queue(settings.queue_sse), Queue(settings.queue_stdio)],
+        # Every transport's queue, plug-ins' included: a worker started without -Q consumes them all.
+        task_queues=[Queue(queue) for queue in every_queue(settings)],
         task_default_queue=settings.queue_http,
         task_routes=(InvocationRouter(settings),),
         worker_hijack_root_logger=False,

@@ -6,6 +6,7 @@ Callers catch :class:`SarkError`; every failure a task can end with is one of th
     ├── InvalidInvocation          bad input, refused before any network call
     │   ├── UnknownServer          the server is not in the operator's registry
     │   ├── PayloadTooLarge        the invocation's arguments over ``max_argument_bytes``
+    │   ├── NotServedHere          it reached a worker not serving its transport (forwarded once)
     │   ├── TokenExpired           the user's JWT expired while the task waited in the queue
     │   └── InvalidToken           the token is malformed, unsealed where sealing is required, or unbound
     ├── AuthenticationFailed       the Gateway said 401: it refused the user's token or the worker's key
@@ -53,6 +54,7 @@ __all__ = [
     "InvalidInvocation",
     "InvalidToken",
     "InvocationTimeout",
+    "NotServedHere",
     "PayloadTooLarge",
     "ProtocolError",
     "ResultTooLarge",
@@ -124,6 +126,15 @@ class PayloadTooLarge(InvalidInvocation):
     """
 
     code = "payload_too_large"
+
+
+class NotServedHere(InvalidInvocation):
+    """The invocation reached a worker that does not serve its transport (it was sent to another queue by
+    hand, or the enqueuing app's registry or queue settings differ from the worker's). The worker forwards it
+    once to ``detail["queue"]``, its transport's queue; this is raised only when it arrives at a wrong worker
+    again."""
+
+    code = "not_served_here"
 
 
 class TokenExpired(InvalidInvocation):
@@ -337,6 +348,8 @@ FAILURES: tuple[Failure, ...] = (
     Failure("The invocation is malformed, asks for a timeout out of bounds, or names a transport that "
             "cannot reach its server; refused before any call", InvalidInvocation, "no"),
     Failure("The server is not in the operator's registry", UnknownServer, "no"),
+    Failure("The invocation reached a worker that does not serve its transport (sent to another queue)",
+            NotServedHere, "forwarded once to its transport's queue; raised only if it misses again"),
     Failure("The invocation's arguments are over `max_argument_bytes`; refused before any call",
             PayloadTooLarge, "no"),
     Failure("The user's token expired while the task waited in the queue", TokenExpired, "no"),

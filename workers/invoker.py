@@ -20,6 +20,7 @@ from workers.errors import (
     InternalError,
     InvalidInvocation,
     InvocationTimeout,
+    NotServedHere,
     ProtocolError,
     ResultTooLarge,
     SarkError,
@@ -169,7 +170,9 @@ async def execute(
                                     publisher=publisher)
         except SarkError as exc:
             error = scrub_error(exc)
-            if publisher is not None:
+            # Not served here: the task forwards the invocation to its transport's queue; the stream stays
+            # open for the worker that carries it out.
+            if publisher is not None and not isinstance(exc, NotServedHere):
                 await _end_stream(publisher, error)
             raise error from None
         except asyncio.CancelledError:

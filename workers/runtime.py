@@ -25,7 +25,7 @@ from config.transports import catalog, get_spec
 from workers.authz import TokenVerifier
 from workers.breaker.board import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
-from workers.errors import Cancelled, InvalidInvocation
+from workers.errors import Cancelled, NotServedHere
 from workers.leases import LeaseKeeper, max_hold, taken_with_messages
 from workers.loop import EventLoopThread, LoopClosed
 from workers.redis_client import reconnecting_client
@@ -41,13 +41,15 @@ T = TypeVar("T")
 
 def transports_for_queues(settings: Settings, queues: Collection[str] | None) -> list[str]:
     """The transports a worker consuming ``queues`` builds: those whose queue it consumes. Every transport
-    when ``queues`` is None (not a worker: tests, eager calls) or names no transport's queue (a worker on
-    custom queues may be sent anything)."""
+    when ``queues`` is None (not a worker: tests, eager calls) or holds a queue of no transport (a custom
+    queue may be sent anything)."""
     every = list(catalog())
     if queues is None:
         return every
-    wanted = [name for name in every if settings.queue_for(name) in queues]
-    return wanted or every
+    own = {settings.queue_for(name) for name in every}
+    if any(queue not in own for queue in queues):
+        return every  # a queue of no transport (custom routes) may be sent any invocation
+    return [name for name in every if settings.queue_for(name) in queues]
 
 
 class Runtime:
@@ -68,6 +70,9 @@ class Runtime:
         self.environ = launch_environment(environ)
         self.loop = EventLoopThread()
         self.transports: dict[str, Transport] = {}
+        #: Queues whose transports are built (:meth:`serve_queue`); swapped whole, read without the lock.
+        self._served_queues = frozenset(settings.queue_for(name) for name in self.wanted)
+        self._serve_lock = threading.Lock()
         self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
         #: True once the worker is shutting down and has interrupted what was running.
         self.draining = False
@@ -98,10 +103,30 @@ class Runtime:
         self.gateway = context.gateway
         self.breakers = BreakerBoard.from_settings(self.settings, self.registry)
         await self.breakers.start()
+        self._context = context
         # Only the transports this worker serves: a stdio server never starts on a worker of the http queue.
-        self.transports = {name: get_spec(name).build(context) for name in self.wanted}
-        for transport in self.transports.values():
-            await transport.open()
+        await self._build(self.wanted)
+
+    async def _build(self, names: Collection[str]) -> None:
+        for name in names:
+            if name not in self.transports:
+                transport = get_spec(name).build(self._context)
+                await transport.open()
+                self.transports = {**self.transports, name: transport}
+
+    def serve_queue(self, queue: object) -> None:
+        """Build the transports of ``queue`` (the queue a task arrived on) if they are not built: this worker
+        was told to consume it after it started (``celery control add_consumer``). Free when they are."""
+        if queue in self._served_queues or not isinstance(queue, str):
+            return
+        with self._serve_lock:
+            if queue in self._served_queues:
+                return
+            names = [name for name in catalog() if self.settings.queue_for(name) == queue]
+            if names:
+                log.info("queue %s was added: building transport(s) %s", queue, ", ".join(names))
+                self.loop.run(self._build(names), timeout=60)
+            self._served_queues = self._served_queues | {queue}
 
     def run_invocation(self, request_id: str, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run an invocation's coroutine on the loop, cancellable by :meth:`cancel` meanwhile.
@@ -155,15 +180,16 @@ class Runtime:
         """The transport called ``name``.
 
         Raises:
-            InvalidInvocation: this worker does not serve that transport (the task was sent to another
-                transport's queue by hand).
+            NotServedHere: this worker does not serve that transport (the task was sent to another
+                transport's queue); the task forwards it to ``detail["queue"]``.
         """
         try:
             return self.transports[name]
         except KeyError:
-            raise InvalidInvocation(f"transport {name!r} is not served by this worker (it serves "
-                                    f"{', '.join(self.transports)}): send the task to its queue, "
-                                    f"{self.settings.queue_for(name)}", {"transport": name}) from None
+            queue = self.settings.queue_for(name)
+            raise NotServedHere(f"transport {name!r} is not served by this worker (it serves "
+                                f"{', '.join(self.transports)}): send the task to its queue, {queue}",
+                                {"transport": name, "queue": queue}) from None
 
     async def _close(self) -> None:
         await self.leases.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from celery import Celery
 from config.transports import PLUGINS_VARIABLE, reset_catalog
 from devkit.stack import DevStack, Proc
 from tests.helpers import invoke, settings_with
-from workers.errors import CircuitOpen, InvalidInvocation, TransportError
+from workers.errors import CircuitOpen, NotServedHere, TransportError
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY = """
@@ -77,13 +78,50 @@ def test_the_toy_transport_is_routed_built_and_answers(toy_worker: Proc, toy_app
     assert [t["tool_name"] for t in tools] == ["greet", "fail"]
 
 
-def test_a_stdio_task_sent_to_the_toy_worker_is_refused_without_starting_a_server(
-    toy_worker: Proc, toy_app: Celery
+def _children(proc: Proc) -> str:
+    return subprocess.run(["ps", "-o", "args=", "--ppid", str(proc.popen.pid)], capture_output=True, text=True).stdout
+
+
+def test_a_stdio_task_sent_to_the_toy_worker_is_forwarded_to_its_queue_without_starting_a_server_there(
+    toy_worker: Proc, worker: Proc, toy_app: Celery
 ) -> None:
-    with pytest.raises(InvalidInvocation, match="not served by this worker"):
-        invoke(toy_app, "time", "get_current_time", {"timezone": "UTC"}, queue="sark.toy")
-    assert "mcp-server-time" not in subprocess.run(["ps", "-o", "args=", "--ppid", str(toy_worker.popen.pid)],
-                                                   capture_output=True, text=True).stdout
+    # Sent to the toy queue by hand: the toy worker builds no stdio transport; it forwards the task (same id)
+    # to the stdio queue, where the session's worker (stdio queue, the session registry's `time`) answers.
+    sent = toy_app.send_task("sark.invoke", kwargs={"invocation": {
+        "server": "time", "tool": "get_current_time", "arguments": {"timezone": "UTC"}}}, queue="sark.toy")
+    result = sent.get(timeout=60)
+    assert result["transport"] == "stdio" and result["request_id"] == sent.id
+    assert "forwarded to sark.stdio" in toy_worker.log()
+    assert "mcp-server-time" not in _children(toy_worker)
+
+
+def test_a_forwarded_task_that_misses_again_fails_typed(toy_worker: Proc, toy_app: Celery) -> None:
+    sent = toy_app.send_task("sark.invoke", kwargs={"invocation": {"server": "time", "tool": "get_current_time"}},
+                             queue="sark.toy", headers={"sark_forwarded": "sark.stdio"})
+    with pytest.raises(NotServedHere, match="not served by this worker") as caught:
+        sent.get(timeout=60)
+    assert caught.value.detail["queue"] == "sark.stdio"
+    assert "mcp-server-time" not in _children(toy_worker)
+
+
+def test_a_queue_added_to_a_running_worker_gets_its_transport(stack: DevStack, toy_env: dict[str, str]) -> None:
+    # `celery control add_consumer`: the worker was started for the toy queue only; once told to consume the
+    # (here private) stdio queue too, a stdio invocation arriving there is carried out by it.
+    from workers.app import create_app
+
+    env = {**toy_env, "SARK_QUEUE_STDIO": "sark.stdio.added"}
+    app = create_app(settings_with(env))
+    try:
+        with stack.running_worker("toy-added", env=env, queues="sark.toy", concurrency=1) as proc:
+            replies = app.control.add_consumer("sark.stdio.added", destination=[f"toy-added@{socket.gethostname()}"],
+                                               reply=True,
+                                               timeout=10)
+            assert replies and "ok" in next(iter(replies[0].values())), replies
+            result = invoke(app, "time", "get_current_time", {"timezone": "UTC"})
+            assert result["transport"] == "stdio"
+            assert "queue sark.stdio.added was added: building transport(s) stdio" in proc.log()
+    finally:
+        app.close()
 
 
 def test_the_toy_transport_has_its_own_fleet_wide_breaker(toy_worker: Proc, toy_app: Celery,
@@ -121,6 +159,6 @@ def test_without_the_plugin_entry_the_toy_transport_does_not_exist(tmp_path: Pat
 
 
 def test_nothing_outside_its_module_names_the_toy_transport() -> None:
-    named = subprocess.run(["git", "grep", "-l", "-i", "toy", "--", "workers", "tasks", "config", "devkit"],
+    named = subprocess.run(["git", "grep", "-l", "-i", "-w", "toy", "--", "workers", "tasks", "config", "devkit"],
                            capture_output=True, text=True, cwd=REPO)
     assert named.stdout == "", named.stdout

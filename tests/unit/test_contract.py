@@ -18,7 +18,7 @@ PUBLIC_API = {
     "TOKEN_HEADER", "OPERATOR_HEADER", "AlreadyRunning", "AsyncSarkClient", "AuthenticationFailed",
     "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen", "DiscoveryTimeout", "ResultTooLarge",
     "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "InternalError", "InvalidInvocation",
-    "InvalidToken", "Invocation",
+    "InvalidToken", "Invocation", "NotServedHere",
     "InvocationHandle", "InvocationResult", "InvocationTimeout", "PayloadTooLarge", "ProtocolError", "SarkClient",
     "SarkError", "ServerCrashed", "StoreUnavailable", "TokenExpired", "ToolError", "TransportError", "UnknownServer",
     "__version__",

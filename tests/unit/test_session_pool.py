@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -118,3 +119,25 @@ def test_closed_pool_refuses_calls_and_leaves_its_connections() -> None:
         return gen.connection
 
     assert asyncio.run(scenario()).dead.is_set()
+
+
+def test_closing_ends_a_restart_backoff_at_once() -> None:
+    # After failed starts the next one waits (up to 30 s); a worker shutting down must not wait it out.
+    async def scenario() -> tuple[float, BaseException | None]:
+        pool, _ = _pool(PoolSettings(startup_timeout=10))
+        for _ in range(8):
+            pool._failed()  # eight failed starts in a row: the next one waits 30 s
+        waiting = asyncio.ensure_future(pool.session())
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await asyncio.wait_for(pool.close(), 5)
+        closed_in = time.monotonic() - started
+        try:
+            await asyncio.wait_for(waiting, 5)
+        except BaseException as exc:
+            return closed_in, exc
+        return closed_in, None
+
+    closed_in, error = asyncio.run(scenario())
+    assert closed_in < 1.0
+    assert isinstance(error, ServerCrashed) and "before it was ready" in str(error)

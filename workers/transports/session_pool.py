@@ -219,7 +219,15 @@ class SessionPool(Generic[C]):
         try:
             if delay:
                 log.info("%s server %s: restarting in %.2fs", self._kind, name, delay, extra=extra)
-                await asyncio.sleep(delay)
+                # Retiring the generation (the pool closes) ends the backoff at once: a worker's shutdown
+                # must not wait out up to 30 s of it.
+                woke = asyncio.ensure_future(gen.wake.wait())
+                try:
+                    await asyncio.wait({woke}, timeout=delay)
+                finally:
+                    woke.cancel()
+                if gen.retiring:
+                    return  # the outer finally fails the callers waiting for it (stopped before it was ready)
             started = time.perf_counter()
             client = Client(gen.connection, mode="auto", cache=None, client_info=_CLIENT_INFO)
             try:
