@@ -6,7 +6,7 @@ official ``mcp`` SDK's client (the transport is :mod:`workers.transports.streama
     servers:
       docs:
         transport: streamable-http
-        url: https://mcp.example.com/mcp
+        url: https://mcp.example.com/mcp          # may read the environment: ${DOCS_URL:-https://…}
         headers: {X-Api-Key: DOCS_API_KEY}     # header name -> NAME of a worker environment variable
         auth: bearer-env                         # none | bearer-env | forward
         token_env: DOCS_TOKEN                    # bearer-env: the variable holding the token
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["TRANSPORT", "StreamableHttpServer", "check"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_URL_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Headers the transport (or the SDK) owns: a registry entry may not set them.
 _RESERVED = {"authorization", "content-type", "accept", "mcp-session-id", "mcp-protocol-version",
@@ -57,6 +58,25 @@ class StreamableHttpServer(ServerBase):
     startup_timeout: float = Field(default=10.0, gt=0, description="seconds for connect + handshake")
     max_concurrency: int = Field(default=64, ge=1, description="calls in flight on one session")
     idle_timeout: float | None = Field(default=300.0, gt=0, description="close a session idle this long")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _url_variables(cls, url: object) -> object:
+        """``${NAME}`` and ``${NAME:-default}`` in the url are read from the environment when the registry is
+        loaded (one registry for a laptop and a compose network; a client needs the default or the variable)."""
+        if not isinstance(url, str):
+            return url
+
+        def value_of(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name)
+            if value:
+                return value
+            if default is None:
+                raise ValueError(f"url: ${{{name}}} is not set (give a default: ${{{name}:-http://…}})")
+            return default
+
+        return _URL_VARIABLE.sub(value_of, url)
 
     @field_validator("url")
     @classmethod

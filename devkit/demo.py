@@ -1,4 +1,5 @@
-"""The demo: start Redis, the reference Gateway and a worker, then invoke tools over all three transports.
+"""The demo: start Redis, the reference Gateway, an MCP server over Streamable HTTP and a worker, then invoke
+tools over all four transports.
 
 Run with ``bash scripts/demo.sh`` (or ``sark demo``). Everything runs on loopback and stops at the end.
 """
@@ -29,11 +30,12 @@ def main() -> int:
 
     failures = 0
     with DevStack() as stack:
-        print("starting redis-server, the reference Gateway and a celery worker …", flush=True)
-        stack.start()
+        print("starting redis-server, the reference Gateway, an MCP server over Streamable HTTP and a celery "
+              "worker …", flush=True)
+        stack.start(mcp_http=True)
         stack.apply_env()
         started = time.perf_counter()
-        worker = stack.worker("demo", concurrency=8)
+        worker = stack.worker("demo", concurrency=8, queues="sark.http,sark.sse,sark.stdio,sark.streamable-http")
         print(f"worker ready in {time.perf_counter() - started:.1f}s (logs: {worker.log_path})")
         client = SarkClient(Settings())
         user = make_token(DEFAULT_JWT_SECRET, sub="alice", teams=["users"])
@@ -75,6 +77,18 @@ def main() -> int:
                                                              "target_timezone": "Asia/Tokyo"}).result(timeout=60)
             _show(f"stdio time.convert_time (warm session)  {1000 * (time.perf_counter() - started):.1f} ms",
                   result.result.get("structuredContent") or result.result)
+
+            tools = client.list_tools("example-http")
+            _show("streamable-http example-http tools (sark.list_tools)", [t.tool_name for t in tools])
+            handle = client.invoke("example-http", "progress", {"count": 3}, stream=True)
+            print(f"\n=== streamable-http example-http.progress(count=3)  task {handle.id}: progress as chunks")
+            for chunk in handle.stream():
+                print(f"  chunk seq={chunk.seq} id={chunk.event_id} data={json.dumps(chunk.data)}")
+            _show("streamable-http final result", handle.result(timeout=60).model_dump(mode="json"))
+            started = time.perf_counter()
+            result = client.invoke("example-http", "add", {"a": 40, "b": 2}).result(timeout=60)
+            _show(f"streamable-http example-http.add(40, 2) (warm session)  "
+                  f"{1000 * (time.perf_counter() - started):.1f} ms", result.result)
         except SarkError as exc:
             failures += 1
             _show("UNEXPECTED ERROR", exc.to_dict())

@@ -8,7 +8,7 @@ line per tool start, end and cancellation: what the server saw), ``--legacy`` (2
 ``initialize`` and ``Mcp-Session-Id``), ``--http-error TOOL=STATUS`` (that HTTP status for a call of
 ``TOOL``); tool ``rpc_error`` answers a JSON-RPC error. On start it prints ``READY <port>``.
 
-Run: ``python -m devkit.mcp_http_server --port 0 [--stateless] [--token T]``.
+Run: ``python -m devkit.mcp_http_server --port 0 [--host 127.0.0.1] [--stateless] [--token T]``.
 """
 
 from __future__ import annotations
@@ -164,10 +164,11 @@ def _failing(app: App, statuses: dict[str, int]) -> App:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve on loopback until killed."""
+    """Serve (on loopback unless ``--host`` says otherwise) until killed."""
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (compose: 0.0.0.0)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--stateless", action="store_true")
     parser.add_argument("--json", action="store_true")
@@ -177,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-error", action="append", default=[], metavar="TOOL=STATUS",
                         help="answer a tools/call of TOOL with that HTTP status")
     args = parser.parse_args(argv)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit it; without it every 2026-07-28 answer (headers and body written apart)
     # waited ~42 ms for the client's delayed ACK (measured: body 42 ms after headers).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", args.port))
+    sock.bind((args.host, args.port))
     sock.listen(128)  # connections wait in the backlog from READY on
     http_errors = {tool: int(code) for tool, _, code in (e.partition("=") for e in args.http_error)}
     app = build_app(stateless=args.stateless, json_response=args.json, token=args.token, events=args.events,

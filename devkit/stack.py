@@ -166,6 +166,27 @@ def start_redis(
     return proc
 
 
+#: The environment variable the example streamable-http server's registry entry reads its url from.
+EXAMPLE_MCP_URL = "EXAMPLE_MCP_URL"
+
+
+def start_mcp_http(log_dir: Path, env: Mapping[str, str], *args: str, port: int | None = None) -> Proc:
+    """The devkit's Streamable HTTP MCP server (``python -m devkit.mcp_http_server``) on 127.0.0.1;
+    ``proc.url`` is its MCP endpoint."""
+    port = port or free_port()
+    proc = _spawn(f"mcp-http-{port}", [sys.executable, "-m", "devkit.mcp_http_server", "--port", str(port), *args],
+                  log_dir, env)
+    proc.url = f"http://127.0.0.1:{port}/mcp"
+
+    def listening() -> bool:
+        if not proc.alive():
+            raise ProcessExited(f"mcp http server exited:\n{proc.log()}")
+        return "READY" in proc.log()
+
+    wait_for(listening, 30, "the example MCP server")
+    return proc
+
+
 def start_gateway(
     log_dir: Path,
     env: Mapping[str, str],
@@ -242,6 +263,7 @@ class DevStack:
         self.procs: list[Proc] = []
         self.redis: Proc | None = None
         self.gateway: Proc | None = None
+        self.mcp_http: Proc | None = None
         # Keys of this stack only, generated fresh: tokens are sealed in broker messages (the default),
         # the operator key signs breaker resets, user JWTs are verified with the Gateway's secret.
         self.token_key = Fernet.generate_key().decode()
@@ -266,16 +288,23 @@ class DevStack:
             env.update(SARK_BROKER_URL=self.redis.url, SARK_REDIS_URL=self.redis.url)
         if self.gateway is not None:
             env["SARK_GATEWAY_URL"] = self.gateway.url
+        if self.mcp_http is not None:
+            env[EXAMPLE_MCP_URL] = self.mcp_http.url
         env.update(self.extra_env)
         return env
 
-    def start(self, *, gateway: bool = True, appendonly: bool = False, record_headers: bool = False) -> DevStack:
-        """Start Redis and (optionally) the Gateway, with its control API (and header recording if asked)."""
+    def start(self, *, gateway: bool = True, appendonly: bool = False, record_headers: bool = False,
+              mcp_http: bool = False) -> DevStack:
+        """Start Redis and (optionally) the Gateway, with its control API (and header recording if asked), and
+        the example Streamable HTTP MCP server (its url in ``EXAMPLE_MCP_URL`` for workers and clients)."""
         self.redis = start_redis(self.log_dir, appendonly=appendonly)
         self.procs.append(self.redis)
         if gateway:
             self.gateway = start_gateway(self.log_dir, self.base_env(), record_headers=record_headers)
             self.procs.append(self.gateway)
+        if mcp_http:
+            self.mcp_http = start_mcp_http(self.log_dir, self.base_env())
+            self.procs.append(self.mcp_http)
         return self
 
     def worker(self, name: str = "w1", *, env: Mapping[str, str] | None = None, **kwargs: Any) -> Proc:
@@ -285,9 +314,10 @@ class DevStack:
         return proc
 
     def apply_env(self) -> None:
-        """Put the stack's ``SARK_*`` settings into this process's environment (for clients)."""
+        """Put the stack's ``SARK_*`` settings (and the example MCP server's url) into this process's
+        environment (for clients)."""
         for key, value in self.base_env().items():
-            if key.startswith("SARK_"):
+            if key.startswith("SARK_") or key == EXAMPLE_MCP_URL:
                 os.environ[key] = value
 
     def stop(self) -> None:

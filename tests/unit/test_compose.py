@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from config.settings import Settings
+from config.transports import catalog
 from workers.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,8 @@ def _services() -> dict[str, dict[str, Any]]:
 
 
 def test_expected_services_with_healthchecks() -> None:
-    assert set(_services()) == {"redis", "gateway", "worker-http", "worker-sse", "worker-stdio", "flower"}
+    assert set(_services()) == {"redis", "gateway", "mcp-http", "worker-http", "worker-sse", "worker-stdio",
+                                "worker-streamable-http", "flower"}
     for name, service in _services().items():
         assert "healthcheck" in service, name
         assert service.get("restart") == "unless-stopped", name
@@ -61,8 +63,8 @@ def test_one_worker_per_transport_queue() -> None:
             seen[args.transports] = name
             assert "container_name" not in service, "a fixed container name prevents --scale"
             assert not service.get("ports"), "published ports prevent --scale"
-    assert set(seen) == {"http", "sse", "stdio"}
-    assert {settings.queue_for(t) for t in seen} == {"sark.http", "sark.sse", "sark.stdio"}  # type: ignore[arg-type]
+    assert set(seen) == set(catalog())  # every transport of the catalog has its worker
+    assert {settings.queue_for(t) for t in seen} == {"sark.http", "sark.sse", "sark.stdio", "sark.streamable-http"}
 
 
 def test_flower_has_basic_auth_and_the_app() -> None:
@@ -94,3 +96,19 @@ def test_dockerfile_installs_the_project_and_the_stdio_servers() -> None:
     assert "USER sark" in dockerfile
     healthcheck = _services()["worker-http"]["healthcheck"]["test"]
     assert "inspect ping" in " ".join(shlex.quote(part) for part in healthcheck)
+
+
+def test_the_example_mcp_server_is_the_registrys() -> None:
+    # The registry's example-http entry reads its url from EXAMPLE_MCP_URL: compose points it at its service.
+    from config.registry import load_registry
+    from config.streamable_http_spec import StreamableHttpServer
+
+    server = _services()["mcp-http"]
+    port = server["command"][server["command"].index("--port") + 1]
+    worker = _services()["worker-streamable-http"]
+    assert worker["environment"]["EXAMPLE_MCP_URL"] == f"http://mcp-http:{port}/mcp"
+    assert "mcp-http" in worker["depends_on"]
+    entry = load_registry(ROOT / "config" / "servers.yaml").get("example-http")
+    assert isinstance(entry, StreamableHttpServer)
+    raw = (ROOT / "config" / "servers.yaml").read_text()
+    assert "${EXAMPLE_MCP_URL:-" in raw

@@ -52,6 +52,18 @@ def test_a_valid_entry() -> None:
     assert server.headers == {"X-Api-Key": "DOCS_KEY"} and server.token_env == "DOCS_TOKEN"
 
 
+def test_the_url_may_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DOCS_URL", raising=False)
+    assert _server(url="${DOCS_URL:-http://127.0.0.1:8931/mcp}").url == "http://127.0.0.1:8931/mcp"
+    with pytest.raises(ValidationError, match=r"\$\{DOCS_URL\} is not set"):
+        _server(url="${DOCS_URL}")
+    monkeypatch.setenv("DOCS_URL", "http://docs:8000/mcp")
+    assert _server(url="${DOCS_URL:-http://127.0.0.1:8931/mcp}").url == "http://docs:8000/mcp"
+    monkeypatch.setenv("DOCS_URL", "file:///etc/passwd")
+    with pytest.raises(ValidationError, match="http:// or https://"):
+        _server(url="${DOCS_URL}")
+
+
 def test_identities_keep_users_apart() -> None:
     from workers.transports.streamable_http import identity_of
 
