@@ -6,7 +6,9 @@ a per-session call counter). Options: ``--stateless`` (no sessions), ``--json`` 
 SSE), ``--token T`` (every request needs ``Authorization: Bearer T``, else 401), ``--events FILE`` (one
 line per tool start, end and cancellation: what the server saw), ``--legacy`` (2025-11-25 only:
 ``initialize`` and ``Mcp-Session-Id``), ``--http-error TOOL=STATUS`` (that HTTP status for a call of
-``TOOL``); tool ``rpc_error`` answers a JSON-RPC error. On start it prints ``READY <port>``.
+``TOOL``), ``--list-ttl MS`` (``tools/list`` answers carry that ``ttlMs`` cache hint; ``--events`` also
+notes ``rpc <method>`` per request naming its method); tool ``rpc_error`` answers a JSON-RPC error.
+On start it prints ``READY <port>``.
 
 Run: ``python -m devkit.mcp_http_server --port 0 [--host 127.0.0.1] [--stateless] [--token T]``.
 """
@@ -23,6 +25,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
@@ -36,13 +39,15 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def build_app(*, stateless: bool = False, json_response: bool = False, token: str | None = None,
-              events: Path | None = None, legacy: bool = False, http_errors: dict[str, int] | None = None) -> App:
+              events: Path | None = None, legacy: bool = False, http_errors: dict[str, int] | None = None,
+              list_ttl_ms: int | None = None) -> App:
     """The ASGI app: the SDK's Streamable HTTP app at ``/mcp``, behind a bearer check when ``token`` is set.
 
     ``legacy``: ``server/discover`` lists only 2025-11-25, so clients fall back to the ``initialize``
     handshake and a ``Mcp-Session-Id`` session (the SDK server otherwise speaks 2026-07-28 first).
     """
-    server = MCPServer("sark-devkit-http")
+    hints = {"tools/list": CacheHint(ttl_ms=list_ttl_ms)} if list_ttl_ms is not None else None
+    server = MCPServer("sark-devkit-http", cache_hints=hints)
     if legacy:
         import mcp_types as types
 
@@ -113,6 +118,8 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
 
     inner: App = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
     app = inner if not http_errors else _failing(inner, http_errors)
+    if events is not None:
+        app = _noting_methods(app, note)
     if token is None:
         return app
     expected = f"Bearer {token}".encode()
@@ -129,6 +136,19 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         await app(scope, receive, send)
 
     return guarded
+
+
+def _noting_methods(app: App, note: Callable[[str], None]) -> App:
+    """``app``, noting ``rpc <method>`` for each POST that names its method (``Mcp-Method``, 2026-07-28)."""
+
+    async def noting(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            method = dict(scope.get("headers") or []).get(b"mcp-method")
+            if method:
+                note(f"rpc {method.decode(errors='replace')}")
+        await app(scope, receive, send)
+
+    return noting
 
 
 def _failing(app: App, statuses: dict[str, int]) -> App:
@@ -175,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token")
     parser.add_argument("--events", type=Path)
     parser.add_argument("--legacy", action="store_true", help="2025-11-25 only: initialize + Mcp-Session-Id")
+    parser.add_argument("--list-ttl", type=int, metavar="MS",
+                        help="tools/list answers carry this ttlMs cache hint (2026-07-28, SEP-2549)")
     parser.add_argument("--http-error", action="append", default=[], metavar="TOOL=STATUS",
                         help="answer a tools/call of TOOL with that HTTP status")
     args = parser.parse_args(argv)
@@ -187,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     sock.listen(128)  # connections wait in the backlog from READY on
     http_errors = {tool: int(code) for tool, _, code in (e.partition("=") for e in args.http_error)}
     app = build_app(stateless=args.stateless, json_response=args.json, token=args.token, events=args.events,
-                    legacy=args.legacy, http_errors=http_errors)
+                    legacy=args.legacy, http_errors=http_errors, list_ttl_ms=args.list_ttl)
     print(f"READY {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])

@@ -80,6 +80,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, McpS
         "failing": _start("--legacy", "--http-error", "down=503", "--http-error", "forbidden=403"),
         "failing-modern": _start("--stateless", "--http-error", "down=503", "--http-error", "forbidden=403"),
     }
+    for name, ttl in (("cached", "60000"), ("uncached", "0")):
+        noted = tmp_path_factory.mktemp(name) / "events.log"
+        started[name] = _start("--stateless", "--list-ttl", ttl, "--events", str(noted))
+        started[name].events = noted  # type: ignore[attr-defined]
     started["stateful"].events = events  # type: ignore[attr-defined]
     yield started
     for server in started.values():
@@ -104,6 +108,8 @@ servers:
   failing-modern: {{transport: streamable-http, url: "{servers['failing-modern'].url}", breaker: {{fail_max: 50}}}}
   victim: {{transport: streamable-http, url: "{servers['victim'].url}", breaker: {{fail_max: 50}}}}
   victim-modern: {{transport: streamable-http, url: "{servers['victim-modern'].url}", breaker: {{fail_max: 50}}}}
+  cached: {{transport: streamable-http, url: "{servers['cached'].url}"}}
+  uncached: {{transport: streamable-http, url: "{servers['uncached'].url}"}}
 """)
     env = {"SARK_REGISTRY_PATH": str(registry), "MCP_GOOD": SECRET, "MCP_WRONG": "not-it"}
     mp = pytest.MonkeyPatch()
@@ -173,6 +179,18 @@ def test_a_pinned_revision_refuses_a_session_of_another(app: Celery) -> None:
 def test_list_tools(app: Celery) -> None:
     tools = app.send_task("sark.list_tools", kwargs={"server": "stateless"}, queue=QUEUE).get(timeout=30)
     assert {"echo", "add", "progress", "slow", "big", "error", "whoami"} <= {t["tool_name"] for t in tools}
+
+
+@pytest.mark.parametrize(("server", "asked"), [("cached", 1), ("uncached", 4)])
+def test_list_tools_follows_the_servers_cache_hint(app: Celery, servers: dict[str, McpServer], server: str,
+                                                   asked: int) -> None:
+    # The session lists the tools once when it starts; three sark.list_tools then come from its cache while
+    # the server's ttlMs hint (60 s) says the listing is fresh, and reach the server when it says 0.
+    for _ in range(3):
+        tools = app.send_task("sark.list_tools", kwargs={"server": server}, queue=QUEUE).get(timeout=30)
+        assert "whoami" in {t["tool_name"] for t in tools}
+    events: Path = servers[server].events  # type: ignore[attr-defined]
+    assert events.read_text().splitlines().count("rpc tools/list") == asked
 
 
 @pytest.mark.parametrize("server", ["stateful", "stateless"])

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 import mcp_types as types
 from mcp import Client
 from mcp.client import Transport
+from mcp.client.caching import CacheConfig
 from mcp.shared.exceptions import MCPError
 
 from workers.errors import SarkError, ServerCrashed
@@ -100,12 +101,15 @@ class PoolSettings:
         max_calls: Calls after which a session is recycled (None: never).
         idle_timeout: Seconds without calls after which a session is stopped (None: never).
         max_concurrency: Calls at once on the session (:attr:`SessionPool.slots`).
+        response_cache: Keep list answers (``tools/list``…) for as long as the server's ``ttlMs`` hint says
+            (SEP-2549, 2026-07-28; the SDK's per-session cache, dropped with the session); off: always ask.
     """
 
     startup_timeout: float
     max_calls: int | None = None
     idle_timeout: float | None = None
     max_concurrency: int = 1
+    response_cache: bool = False
 
 
 C = TypeVar("C", bound=Connection)
@@ -229,7 +233,8 @@ class SessionPool(Generic[C]):
                 if gen.retiring:
                     return  # the outer finally fails the callers waiting for it (stopped before it was ready)
             started = time.perf_counter()
-            client = Client(gen.connection, mode="auto", cache=None, client_info=_CLIENT_INFO)
+            cache = CacheConfig() if self.settings.response_cache else None  # honours the server's hints only
+            client = Client(gen.connection, mode="auto", cache=cache, client_info=_CLIENT_INFO)
             try:
                 async with asyncio.timeout(self.settings.startup_timeout):
                     await client.__aenter__()
