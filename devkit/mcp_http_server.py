@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from mcp.server.caching import CacheHint
+from mcp.server.caching import CacheableMethod, CacheHint
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
@@ -46,7 +46,8 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
     ``legacy``: ``server/discover`` lists only 2025-11-25, so clients fall back to the ``initialize``
     handshake and a ``Mcp-Session-Id`` session (the SDK server otherwise speaks 2026-07-28 first).
     """
-    hints = {"tools/list": CacheHint(ttl_ms=list_ttl_ms)} if list_ttl_ms is not None else None
+    hints: dict[CacheableMethod, CacheHint] | None = (
+        {"tools/list": CacheHint(ttl_ms=list_ttl_ms)} if list_ttl_ms is not None else None)
     server = MCPServer("sark-devkit-http", cache_hints=hints)
     if legacy:
         import mcp_types as types
