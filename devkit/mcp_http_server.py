@@ -119,6 +119,8 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
 
     inner: App = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
     app = inner if not http_errors else _failing(inner, http_errors)
+    if legacy:
+        app = _handshake_era_only(app)
     if events is not None:
         app = _noting_methods(app, note)
     if token is None:
@@ -137,6 +139,26 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         await app(scope, receive, send)
 
     return guarded
+
+
+def _handshake_era_only(app: App) -> App:
+    """``app``, but like a 2025-11-25 server it answers 400 to a request of a later revision (its
+    ``MCP-Protocol-Version`` header), except the ``server/discover`` probe it answers with its versions."""
+
+    async def refusing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = dict(scope.get("headers") or [])
+            version = headers.get(b"mcp-protocol-version", b"").decode(errors="replace")
+            if version > "2025-11-25" and headers.get(b"mcp-method") != b"server/discover":
+                body = (b'{"jsonrpc": "2.0", "id": null, "error": {"code": -32600, "message": '
+                        b'"Unsupported protocol version: ' + version.encode() + b'"}}')
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await app(scope, receive, send)
+
+    return refusing
 
 
 def _noting_methods(app: App, note: Callable[[str], None]) -> App:

@@ -25,7 +25,6 @@ from workers.errors import (
     Cancelled,
     GatewayUnavailable,
     InvocationTimeout,
-    ProtocolError,
     ResultTooLarge,
     ToolError,
     TransportError,
@@ -74,6 +73,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, McpS
     started = {
         "stateful": _start("--legacy", "--events", str(events)),  # 2025-11-25: initialize, Mcp-Session-Id
         "stateless": _start("--stateless"),  # 2026-07-28
+        "dual": _start(),  # 2026-07-28 first, the 2025-11-25 handshake (with sessions) for clients that ask
         "secured": _start("--token", SECRET),
         "victim": _start("--legacy"),
         "victim-modern": _start("--stateless"),
@@ -102,7 +102,8 @@ servers:
   secured-wrong: {{transport: streamable-http, url: "{servers['secured'].url}", auth: bearer-env,
                   token_env: MCP_WRONG}}
   secured-absent: {{transport: streamable-http, url: "{servers['secured'].url}"}}
-  pinned: {{transport: streamable-http, url: "{servers['stateful'].url}", protocol_version: "2025-11-25"}}
+  dual: {{transport: streamable-http, url: "{servers['dual'].url}"}}
+  pinned: {{transport: streamable-http, url: "{servers['dual'].url}", protocol_version: "2025-11-25"}}
   pinned-other: {{transport: streamable-http, url: "{servers['stateful'].url}", protocol_version: "2026-07-28"}}
   failing: {{transport: streamable-http, url: "{servers['failing'].url}", breaker: {{fail_max: 50}}}}
   failing-modern: {{transport: streamable-http, url: "{servers['failing-modern'].url}", breaker: {{fail_max: 50}}}}
@@ -170,10 +171,16 @@ def test_concurrent_calls_share_the_warm_session(app: Celery) -> None:
     assert {p.get(timeout=30)["result"]["structuredContent"]["session"] for p in pending} == {session}
 
 
-def test_a_pinned_revision_refuses_a_session_of_another(app: Celery) -> None:
+def test_a_pinned_revision_is_the_one_spoken(app: Celery) -> None:
+    # The same dual server: unpinned, the client negotiates 2026-07-28 (no session); pinned to 2025-11-25 it
+    # makes the initialize handshake and gets an Mcp-Session-Id session.
+    assert _whoami(app, "dual")["session"] is None
+    assert _whoami(app, "pinned")["session"]
     assert invoke(app, "pinned", "add", {"a": 1, "b": 2})["result"]["structuredContent"]["result"] == 3
-    with pytest.raises(ProtocolError, match="speaks MCP 2025-11-25, the registry pins 2026-07-28"):
+    # A 2025-11-25-only server refuses requests of the pinned 2026-07-28 (400, "Unsupported protocol version").
+    with pytest.raises(ToolError, match=r"Unsupported protocol version|HTTP 400") as refused:
         invoke(app, "pinned-other", "add", {"a": 1, "b": 2})
+    assert refused.value.status_code == 400
 
 
 def test_list_tools(app: Celery) -> None:

@@ -120,3 +120,11 @@ def test_a_call_sends_its_own_token_never_the_sessions_newest() -> None:
         _probe.reset(reset)
     assert _Bearer(None).auth_flow(httpx2.Request("GET", "http://127.0.0.1:9/")).__next__().headers.get(
         "Authorization") is None
+
+
+def test_a_pin_is_the_sdk_clients_mode() -> None:
+    from workers.transports.streamable_http import client_mode
+
+    assert client_mode(None) == "auto"
+    assert client_mode("2025-11-25") == "legacy" and client_mode("2025-06-18") == "legacy"
+    assert client_mode("2026-07-28") == "2026-07-28"

@@ -101,6 +101,8 @@ class PoolSettings:
         max_calls: Calls after which a session is recycled (None: never).
         idle_timeout: Seconds without calls after which a session is stopped (None: never).
         max_concurrency: Calls at once on the session (:attr:`SessionPool.slots`).
+        mode: What the session speaks: ``auto`` negotiates, ``legacy`` the ``initialize`` handshake, a revision
+            (``2026-07-28``) that one.
         response_cache: Keep list answers (``tools/list``…) for as long as the server's ``ttlMs`` hint says
             (SEP-2549, 2026-07-28; the SDK's per-session cache, dropped with the session); off: always ask.
     """
@@ -110,6 +112,8 @@ class PoolSettings:
     idle_timeout: float | None = None
     max_concurrency: int = 1
     response_cache: bool = False
+    #: The SDK client's ``mode``: ``auto`` (negotiate), ``legacy`` (the 2025-11-25 handshake) or a revision.
+    mode: str = "auto"
 
 
 C = TypeVar("C", bound=Connection)
@@ -234,7 +238,7 @@ class SessionPool(Generic[C]):
                     return  # the outer finally fails the callers waiting for it (stopped before it was ready)
             started = time.perf_counter()
             cache = CacheConfig() if self.settings.response_cache else None  # honours the server's hints only
-            client = Client(gen.connection, mode="auto", cache=cache, client_info=_CLIENT_INFO)
+            client = Client(gen.connection, mode=self.settings.mode, cache=cache, client_info=_CLIENT_INFO)
             try:
                 async with asyncio.timeout(self.settings.startup_timeout):
                     await client.__aenter__()

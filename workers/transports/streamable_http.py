@@ -13,10 +13,11 @@ Errors (the table is :data:`workers.errors.FAILURES`): HTTP 401 → ``Authentica
 connection refused, reset or lost mid-call → ``GatewayUnavailable`` (a breaker failure); a JSON-RPC error →
 ``ToolError`` (its HTTP status if any, else 400 for bad params or an unknown method, else 502); an
 ``isError`` result is a normal outcome; an answer over ``max_result_bytes`` (a JSON body, or one SSE event:
-the SDK's ``max_sse_event_size``) → ``ResultTooLarge``; a session of another revision than a pinned
-``protocol_version`` → ``ProtocolError`` (the session pool connects with ``mode="auto"``: the pin is
-checked, not negotiated); no answer in time → ``InvocationTimeout`` (the SDK abandons the request:
-``notifications/cancelled`` on 2025-11-25, the response stream closed on 2026-07-28); a session the
+the SDK's ``max_sse_event_size``) → ``ResultTooLarge``; a pinned ``protocol_version`` is what the session
+speaks (the SDK's ``mode``: ``legacy`` for a 2025-era pin, the revision itself for a later one), and a
+session that negotiated another anyway → ``ProtocolError``; no answer in time → ``InvocationTimeout``
+(the SDK abandons the request: ``notifications/cancelled`` on 2025-11-25, the response stream closed on
+2026-07-28); a session the
 server no longer knows (404 on ``Mcp-Session-Id``: it restarted) → a new session and the call sent once
 more (a 404 proves the tool was not reached).
 
@@ -48,6 +49,7 @@ import httpx2
 import mcp_types as types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 from config.registry import ServerBase
@@ -211,6 +213,14 @@ class HttpLink:
             self.dead.set()
 
 
+def client_mode(pin: str | None) -> str:
+    """The SDK client's ``mode`` for a registry pin: negotiate (none), the handshake (a 2025-era revision), or
+    speak exactly that revision (2026-07-28 and later)."""
+    if pin is None:
+        return "auto"
+    return pin if pin in MODERN_PROTOCOL_VERSIONS else "legacy"
+
+
 def identity_of(server: StreamableHttpServer, token: str | None) -> str:
     """Whose session a call uses: ``service``, or for ``auth: forward`` the token's issuer and subject
     (JWT payload, unverified: it only keeps users apart), a hash of an opaque token, or ``anonymous``."""
@@ -240,7 +250,8 @@ class ServerSessions:
         self._limit = max_result_bytes + _ENVELOPE
         self.auth = _Bearer(token)
         settings = PoolSettings(startup_timeout=server.startup_timeout, idle_timeout=server.idle_timeout,
-                                max_concurrency=server.max_concurrency, response_cache=True)
+                                max_concurrency=server.max_concurrency, response_cache=True,
+                                mode=client_mode(server.protocol_version))
         self._sessions: SessionPool[HttpLink] = SessionPool(
             self._connect, name=server.name, settings=settings, startup_error=self._startup_error, kind=_KIND)
 
@@ -304,7 +315,8 @@ class ServerSessions:
                          {"server": name, "code": exc.code}, status_code=status)
 
     def _check_version(self, gen: Generation[HttpLink], version: str) -> None:
-        """A pinned revision: refuse a session that negotiated another (the SDK's client negotiates only)."""
+        """A pinned revision: refuse a session that negotiated another anyway (the handshake may settle on an
+        older 2025-era revision than the pin)."""
         pin = self.server.protocol_version
         if pin is not None and version != pin:
             gen.retire("protocol version")
