@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from celery import Task, states
 from celery.exceptions import Ignore, Reject
 
+from config.registry import ServerBase
 from config.transports import listing_transport
 from workers.app import app
 from workers.authz import authorize
@@ -42,8 +43,9 @@ from workers.errors import (
 )
 from workers.invoker import execute, open_call_token
 from workers.leases import TAKEN_HEADER, max_waits, taken_lease
+from workers.models import GatewayToolInfo
 from workers.runtime import Runtime, current_runtime, get_runtime
-from workers.scrub import scrub_error
+from workers.scrub import call_secrets, scrub_error
 from workers.tokens import check_operator_signature
 from workers.transports.base import Transport
 
@@ -255,11 +257,14 @@ def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
         entry = runtime.registry.get(server)
         if entry is None:
             raise UnknownServer(f"unknown server {server!r}", {"server": server})
+        header = _header(self, TOKEN_HEADER)
+        token = None
+        if header is not None or entry.policy is not None:
+            token = open_call_token(runtime.settings, header, str(self.request.id))
         if entry.policy is not None:  # listing starts the server: the same callers as for a call
-            token = open_call_token(runtime.settings, _header(self, TOKEN_HEADER), str(self.request.id))
             authorize(entry.name, entry.policy, token, runtime.verifier, runtime.settings)
         transport = _transport(self, runtime, listing_transport(entry))
-        tools = _run(runtime, transport.list_tools(entry), _discovery_wait(runtime))
+        tools = _run(runtime, _listing(transport, entry, token), _discovery_wait(runtime))
     return [t.model_dump(mode="json") for t in tools]
 
 
@@ -290,6 +295,12 @@ def breakers(self: Task, action: str = "list", target: str | None = None) -> lis
         check_operator_signature(_header(self, OPERATOR_HEADER), key=key.get_secret_value() if key else None,
                                  task_id=str(self.request.id), action=str(action), target=target)
     return _run(runtime, breaker_command(runtime.breakers, action, target), _WAIT_MARGIN + 5.0, StoreUnavailable)
+
+
+async def _listing(transport: Transport, server: ServerBase, token: str | None) -> list[GatewayToolInfo]:
+    """The transport's listing of ``server`` as the caller ``token``; the token is scrubbed from its errors."""
+    with call_secrets(token):
+        return await transport.list_tools(server, token=token)
 
 
 def _transport(task: Task, runtime: Runtime, name: str) -> Transport:

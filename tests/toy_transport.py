@@ -48,7 +48,7 @@ class ToyTransport:
         text = f"{server.greeting}, {call.invocation.arguments.get('name', 'world')} (pid {os.getpid()})"
         return ToolOutcome(result={"content": [{"type": "text", "text": text}], "isError": False})
 
-    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None, *, token: str | None = None) -> list[GatewayToolInfo]:
         """``greet`` and ``fail`` of each toy server."""
         names = [server.name] if server is not None else list(self.servers)
         return [GatewayToolInfo(tool_name=tool, server_name=name) for name in names for tool in ("greet", "fail")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from celery.exceptions import TaskRevokedError
 from config.transports import reset_catalog
 from devkit.gateway import make_token
 from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc, wait_for
-from tests.helpers import invoke, send_invoke, settings_with
+from tests.helpers import invoke, send_invoke, settings_with, token_headers
 from workers.client import CANCEL_COMMAND
 from workers.errors import (
     AuthenticationFailed,
@@ -102,6 +103,7 @@ servers:
   secured-wrong: {{transport: streamable-http, url: "{servers['secured'].url}", auth: bearer-env,
                   token_env: MCP_WRONG}}
   secured-absent: {{transport: streamable-http, url: "{servers['secured'].url}"}}
+  secured-forward: {{transport: streamable-http, url: "{servers['secured'].url}", auth: forward}}
   dual: {{transport: streamable-http, url: "{servers['dual'].url}"}}
   pinned: {{transport: streamable-http, url: "{servers['dual'].url}", protocol_version: "2025-11-25"}}
   pinned-other: {{transport: streamable-http, url: "{servers['stateful'].url}", protocol_version: "2026-07-28"}}
@@ -186,6 +188,17 @@ def test_a_pinned_revision_is_the_one_spoken(app: Celery) -> None:
 def test_list_tools(app: Celery) -> None:
     tools = app.send_task("sark.list_tools", kwargs={"server": "stateless"}, queue=QUEUE).get(timeout=30)
     assert {"echo", "add", "progress", "slow", "big", "error", "whoami"} <= {t["tool_name"] for t in tools}
+
+
+def test_listing_a_forwarding_server_lists_as_the_caller(app: Celery) -> None:
+    # auth: forward: the listing goes out with the caller's token (here the one the server accepts), and
+    # without a token it is anonymous, which this server refuses.
+    with pytest.raises(AuthenticationFailed):
+        app.send_task("sark.list_tools", kwargs={"server": "secured-forward"}, queue=QUEUE).get(timeout=30)
+    task_id = str(uuid.uuid4())
+    tools = app.send_task("sark.list_tools", task_id=task_id, kwargs={"server": "secured-forward"}, queue=QUEUE,
+                          headers=token_headers(SECRET, task_id)).get(timeout=30)
+    assert "whoami" in {t["tool_name"] for t in tools}
 
 
 @pytest.mark.parametrize(("server", "asked"), [("cached", 1), ("uncached", 4)])

@@ -141,3 +141,17 @@ def test_closing_ends_a_restart_backoff_at_once() -> None:
     closed_in, error = asyncio.run(scenario())
     assert closed_in < 1.0
     assert isinstance(error, ServerCrashed) and "before it was ready" in str(error)
+
+
+def test_a_pool_is_idle_until_a_session_starts_and_after_it_stopped() -> None:
+    async def scenario() -> list[bool]:
+        pool, _ = _pool(PoolSettings(startup_timeout=10, idle_timeout=0.2))
+        seen = [pool.idle]
+        await _echo(pool, "x")
+        seen.append(pool.idle)
+        await asyncio.sleep(0.6)  # past idle_timeout: the session stops
+        seen.append(pool.idle)
+        await pool.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [True, False, True]

@@ -128,3 +128,18 @@ def test_a_pin_is_the_sdk_clients_mode() -> None:
     assert client_mode(None) == "auto"
     assert client_mode("2025-11-25") == "legacy" and client_mode("2025-06-18") == "legacy"
     assert client_mode("2026-07-28") == "2026-07-28"
+
+
+def test_identities_nobody_uses_are_forgotten_when_a_new_one_comes() -> None:
+    from workers.transports.streamable_http import StreamableHttpTransport
+
+    server = _server(auth="forward")
+    transport = StreamableHttpTransport([server], max_result_bytes=1000, environ={})
+    alice = transport.sessions(server, _jwt({"sub": "alice"}))
+    alice.users = 1  # a call of alice's is running
+    bob = transport.sessions(server, _jwt({"sub": "bob"}))
+    assert transport.sessions(server, _jwt({"sub": "alice"})) is alice
+    assert set(transport._sessions.values()) == {alice, bob}  # bob never started: nobody uses it, but he is new
+    alice.users = 0
+    carol = transport.sessions(server, _jwt({"sub": "carol"}))
+    assert set(transport._sessions.values()) == {carol}  # neither alice's nor bob's session runs: both forgotten

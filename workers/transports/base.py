@@ -64,8 +64,9 @@ class Transport(Protocol):
     async def invoke(self, call: Call) -> ToolOutcome:
         """Carry out one tool call; stream chunks to ``call.sink`` when it is set."""
 
-    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
-        """Tools of ``server`` (or of every server the transport reaches, when None)."""
+    async def list_tools(self, server: ServerBase | None, *, token: str | None = None) -> list[GatewayToolInfo]:
+        """Tools of ``server`` (or of every server the transport reaches, when None). ``token``: the caller's
+        (clear) token when the listing task carried one; a transport that forwards tokens lists as that caller."""
 
 
 @dataclass

@@ -60,7 +60,7 @@ class HttpTransport:
         )
         return outcome_from_gateway(data)
 
-    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None, *, token: str | None = None) -> list[GatewayToolInfo]:
         """``GET /tools`` for one server (by Gateway id) or for all."""
         if server is None:
             return await self._gateway.list_tools()

@@ -217,6 +217,11 @@ class SessionPool(Generic[C]):
         self._gen = gen
         return gen
 
+    @property
+    def idle(self) -> bool:
+        """No generation runs or starts (the last one stopped: idle, closed, or dead)."""
+        return not self._live
+
     def start(self) -> None:
         """Start the session now (in the background) if no generation runs."""
         self._current()

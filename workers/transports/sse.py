@@ -185,7 +185,7 @@ class SseTransport:
     async def close(self) -> None:
         """The Gateway client is owned (and closed) by the runtime."""
 
-    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None, *, token: str | None = None) -> list[GatewayToolInfo]:
         """``GET /tools`` (same Gateway as the HTTP transport)."""
         if server is None:
             return await self._gateway.list_tools()

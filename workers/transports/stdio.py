@@ -223,7 +223,7 @@ class StdioTransport:
         return await pool.call_tool(call.invocation.tool, dict(call.invocation.arguments), timeout=call.timeout,
                                     sink=call.sink)
 
-    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
+    async def list_tools(self, server: ServerBase | None, *, token: str | None = None) -> list[GatewayToolInfo]:
         """``tools/list`` (every page) of one stdio server, or of all of them."""
         targets = [stdio_server(server)] if server is not None else list(self._servers.values())
         tools: list[GatewayToolInfo] = []

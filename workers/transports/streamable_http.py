@@ -254,6 +254,13 @@ class ServerSessions:
                                 mode=client_mode(server.protocol_version))
         self._sessions: SessionPool[HttpLink] = SessionPool(
             self._connect, name=server.name, settings=settings, startup_error=self._startup_error, kind=_KIND)
+        #: Calls and listings using these sessions right now.
+        self.users = 0
+
+    @property
+    def unused(self) -> bool:
+        """Nothing uses it and its session has stopped (idle_timeout): it may be dropped."""
+        return self.users == 0 and self._sessions.idle
 
     def _connect(self) -> HttpLink:
         headers: dict[str, str] = {}
@@ -332,6 +339,7 @@ class ServerSessions:
             self.auth.token = token  # the newest token of this identity
         forwarder = ProgressForwarder(sink) if sink is not None else None
         name = self.server.name
+        self.users += 1
         try:
             async with asyncio.timeout(timeout), self._sessions.slots:
                 for attempt in (1, 2):
@@ -364,18 +372,23 @@ class ServerSessions:
             raise ProtocolError(f"streamable-http server {name!r} sent an invalid result: "
                                 f"{exc.error_count()} validation error(s)", {"server": name}) from None
         finally:
+            self.users -= 1
             if forwarder is not None:
                 forwarder.close()
         self._sessions.succeeded()
         return outcome_of(result, forwarder)
 
-    async def list_tools(self, *, timeout: float) -> list[GatewayToolInfo]:
+    async def list_tools(self, *, timeout: float, token: str | None = None) -> list[GatewayToolInfo]:
         """Every tool of the server, following ``nextCursor`` pages; the first page comes from the session's
-        cache while the server's ``ttlMs`` hint says it is fresh (2026-07-28 servers; otherwise asked)."""
+        cache while the server's ``ttlMs`` hint says it is fresh (2026-07-28 servers; otherwise asked).
+        ``token``: the forwarded caller's, sent with these requests."""
         if (missing := self._missing()) is not None:
             raise missing
         name = self.server.name
-        probe = _Probe()
+        if token:
+            self.auth.token = token  # the newest token of this identity (a session it starts sends it)
+        probe = _Probe(token=token)
+        self.users += 1
         try:
             async with asyncio.timeout(timeout):
                 _, client = await self._sessions.session()
@@ -389,6 +402,8 @@ class ServerSessions:
                                    {"server": name}) from None
         except MCPError as exc:
             raise self._error(exc, probe, "tools/list") from None
+        finally:
+            self.users -= 1
 
     async def close(self) -> None:
         """Stop the session (calls still in flight fail)."""
@@ -434,10 +449,17 @@ class StreamableHttpTransport:
         key = (server.name, identity_of(server, token))
         found = self._sessions.get(key)
         if found is None or found.server != server:
+            self._prune()
             found = self._sessions[key] = ServerSessions(
                 server, self._shared_pool(), environ=self._environ, max_result_bytes=self._max_result_bytes,
                 token=token if server.auth == "forward" else self._environ.get(server.token_env or ""))
         return found
+
+    def _prune(self) -> None:
+        """Forget the identities whose session stopped and that nobody uses (each forwarded user's token gets
+        an entry: without this, one per user ever seen would stay for the worker's life)."""
+        for key in [key for key, sessions in self._sessions.items() if sessions.unused]:
+            del self._sessions[key]
 
     async def open(self) -> None:
         """Nothing to open: sessions start on first use."""
@@ -457,12 +479,15 @@ class StreamableHttpTransport:
         return await self.sessions(server, token).call_tool(
             call.invocation.tool, dict(call.invocation.arguments), timeout=call.timeout, token=token, sink=call.sink)
 
-    async def list_tools(self, server: ServerBase | None) -> list[GatewayToolInfo]:
-        """``tools/list`` of one server (or all), on the service identity's session."""
+    async def list_tools(self, server: ServerBase | None, *, token: str | None = None) -> list[GatewayToolInfo]:
+        """``tools/list`` of one server (or all): on the service identity's session, or for an ``auth: forward``
+        server on the caller's (``token``; without one, anonymously), so a user sees what that user may call."""
         targets = [http_server(server)] if server is not None else list(self._servers.values())
         tools: list[GatewayToolInfo] = []
         for target in targets:
-            tools.extend(await self.sessions(target, None).list_tools(timeout=self._list_timeout))
+            forwarded = token if target.auth == "forward" else None
+            tools.extend(await self.sessions(target, forwarded).list_tools(timeout=self._list_timeout,
+                                                                           token=forwarded))
         return tools
 
 
