@@ -15,6 +15,7 @@ Callers catch :class:`SarkError`; every failure a task can end with is one of th
     ├── ResultTooLarge             an answer (result, event, stream, discovery) over its configured cap
     ├── TransportError             the target could not be talked to, or did not answer in time
     │   ├── GatewayUnavailable     connection refused/reset, DNS, TLS
+    │   │   └── ServerUnavailable  the same for an MCP server over Streamable HTTP
     │   ├── ProtocolError          malformed SSE event, JSON-RPC line or JSON body
     │   ├── ServerCrashed          a stdio server exited or could not start
     │   ├── InvocationTimeout      no answer to an invocation within its timeout
@@ -60,6 +61,7 @@ __all__ = [
     "ResultTooLarge",
     "SarkError",
     "ServerCrashed",
+    "ServerUnavailable",
     "StoreUnavailable",
     "TokenExpired",
     "ToolError",
@@ -219,6 +221,14 @@ class GatewayUnavailable(TransportError):
     code = "gateway_unavailable"
 
 
+class ServerUnavailable(GatewayUnavailable):
+    """An MCP server reached over the network (``streamable-http``) cannot be reached: refused, reset, DNS,
+    TLS, lost mid-call, no session in time, or a variable its entry names is unset in the worker. A
+    :class:`GatewayUnavailable`, so code catching that catches this too."""
+
+    code = "server_unavailable"
+
+
 class ProtocolError(TransportError):
     """The peer sent something that breaks the protocol (bad JSON, SSE or JSON-RPC)."""
 
@@ -367,6 +377,8 @@ FAILURES: tuple[Failure, ...] = (
             "`max_stream_bytes`", ResultTooLarge, "no"),
     Failure("The Gateway cannot be reached (refused, reset, DNS, TLS, broken HTTP)", GatewayUnavailable,
             "discovery: up to `discovery_attempts`; invocations: no"),
+    Failure("An MCP server over Streamable HTTP cannot be reached (refused, reset, lost mid-call, no session "
+            "in time, a variable its entry names unset in the worker)", ServerUnavailable, "no"),
     Failure("The peer broke the protocol: an answer that is not the expected JSON, a malformed SSE event, "
             "an SSE stream that ended without `done` and could not be resumed, a stdio line that is not "
             "JSON-RPC", ProtocolError, "no"),

@@ -10,7 +10,7 @@ shares one ``httpx2`` connection pool.
 
 Errors (the table is :data:`workers.errors.FAILURES`): HTTP 401 → ``AuthenticationFailed``, 403 →
 ``AuthorizationDenied``, other statuses >= 400 → ``ToolError(status)`` (:func:`workers.errors.status_error`);
-connection refused, reset or lost mid-call → ``GatewayUnavailable`` (a breaker failure); a JSON-RPC error →
+connection refused, reset or lost mid-call → ``ServerUnavailable`` (a breaker failure); a JSON-RPC error →
 ``ToolError`` (its HTTP status if any, else 400 for bad params or an unknown method, else 502); an
 ``isError`` result is a normal outcome; an answer over ``max_result_bytes`` (a JSON body, or one SSE event:
 the SDK's ``max_sse_event_size``) → ``ResultTooLarge``; a pinned ``protocol_version`` is what the session
@@ -56,12 +56,12 @@ from config.registry import ServerBase
 from config.streamable_http_spec import StreamableHttpServer
 from workers.errors import (
     DiscoveryTimeout,
-    GatewayUnavailable,
     InvalidInvocation,
     InvocationTimeout,
     ProtocolError,
     ResultTooLarge,
     SarkError,
+    ServerUnavailable,
     ToolError,
     status_error,
 )
@@ -174,7 +174,7 @@ class _Bearer(httpx2.Auth):
 class HttpLink:
     """One Streamable HTTP connection (one SDK client transport) as a session-pool ``Connection``.
 
-    ``failure`` is a :class:`GatewayUnavailable` once a request met a connection error (the SDK then
+    ``failure`` is a :class:`ServerUnavailable` once a request met a connection error (the SDK then
     ends the transport): the pool backs off before the next session.
     """
 
@@ -195,7 +195,7 @@ class HttpLink:
         """Why the connection ended, when a connection error ended it."""
         if self.probe.error is None:
             return None
-        return GatewayUnavailable(f"streamable-http server {self.server.name!r} cannot be reached: "
+        return ServerUnavailable(f"streamable-http server {self.server.name!r} cannot be reached: "
                                   f"{type(self.probe.error).__name__}", {"server": self.server.name})
 
     async def __aenter__(self) -> TransportStreams:
@@ -276,7 +276,7 @@ class ServerSessions:
         missing = [n for n in names if not self._environ.get(n)]
         if not missing:
             return None
-        return GatewayUnavailable(f"streamable-http server {self.server.name!r}: environment variable(s) "
+        return ServerUnavailable(f"streamable-http server {self.server.name!r}: environment variable(s) "
                                   f"{', '.join(missing)} not set in the worker", {"server": self.server.name})
 
     def _startup_error(self, link: HttpLink, exc: BaseException) -> SarkError:
@@ -286,7 +286,7 @@ class ServerSessions:
         if link.failure is not None:
             return link.failure
         if isinstance(exc, TimeoutError):
-            return GatewayUnavailable(f"streamable-http server {name!r}: no session within "
+            return ServerUnavailable(f"streamable-http server {name!r}: no session within "
                                       f"{self.server.startup_timeout:g}s", {"server": name, "phase": "initialize"})
         if isinstance(exc, SarkError):
             return exc
@@ -313,7 +313,7 @@ class ServerSessions:
                                   {"server": name, "what": "event", "limit": self._limit - _ENVELOPE})
         if probe.error is not None or exc.code == types.CONNECTION_CLOSED:
             reason = type(probe.error).__name__ if probe.error is not None else exc.error.message
-            return GatewayUnavailable(f"streamable-http server {name!r}: connection lost during {what}: {reason}",
+            return ServerUnavailable(f"streamable-http server {name!r}: connection lost during {what}: {reason}",
                                       {"server": name})
         status = 400 if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND, types.INVALID_REQUEST) else 502
         if probe.status is not None:  # a JSON-RPC error in the body of an error status (2026-07-28 servers)
