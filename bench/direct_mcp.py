@@ -1,4 +1,5 @@
-"""The MCP SDK alone: a warm ``mcp.Client`` session of ``mcp-server-time``, no sark, for the stdio floors."""
+"""The MCP SDK alone, no sark, for the floors: a warm ``mcp.Client`` session of ``mcp-server-time`` (stdio,
+:class:`DirectSession`) or of a Streamable HTTP server (:class:`DirectHttpSession`)."""
 
 from __future__ import annotations
 
@@ -34,13 +35,16 @@ class DirectSession:
         self.params = StdioServerParameters(command=server_binary(), args=["--local-timezone", "UTC"])
         # The SDK's stderr sink must be a real file (a Celery worker's sys.stderr is a logging proxy).
         self._errlog = open(os.devnull, "w")  # noqa: SIM115 - closed in close()
-        self._loop = EventLoopThread("bench-direct")
+        self._start("bench-direct")
+
+    def _start(self, name: str) -> None:
+        self._loop = EventLoopThread(name)
         self._ready = threading.Event()
         self._client: Any = None
         self._stop: asyncio.Event | None = None
         self._owner = self._loop.submit(self._own())  # anyio: one task enters and leaves the session
         if not self._ready.wait(60):
-            raise TimeoutError("direct mcp session did not start")
+            raise TimeoutError(f"{name}: the direct mcp session did not start")
 
     async def _own(self) -> None:
         from mcp import Client
@@ -95,4 +99,71 @@ class DirectSession:
             self._loop.loop.call_soon_threadsafe(self._stop.set)
         self._owner.result(30)
         self._loop.stop()
+        self._closed()
+
+    def _closed(self) -> None:
         self._errlog.close()
+
+
+#: The Streamable HTTP benchmark's call: ``add`` of the devkit server (:mod:`devkit.mcp_http_server`).
+ADD_ARGUMENTS = {"a": 1, "b": 2}
+
+
+class DirectHttpSession(DirectSession):
+    """The SDK alone: one warm ``mcp.Client`` session of a Streamable HTTP server (``url``) on a loop of its own,
+    built as the transport builds it (``streamable_http_client`` over an ``httpx2.AsyncClient``; mode ``auto``).
+
+    :meth:`new_session_ms` is what a caller opening a session per call pays: a new ``streamable_http_client``
+    and ``Client`` (discovery or ``initialize`` handshake), one call, the close (its ``DELETE`` on a
+    2025-11-25 session); HTTP connections are kept alive in between, as any gateway's connection pool would.
+    """
+
+    def __init__(self, url: str) -> None:
+        import httpx2
+
+        self.url = url
+        self._http: Any = None
+        self._timeout = httpx2.Timeout(10.0, read=None)
+        self._start("bench-direct-http")
+
+    def _closed(self) -> None:
+        pass
+
+    async def _own(self) -> None:
+        import httpx2
+
+        self._http = httpx2.AsyncClient(timeout=self._timeout)
+        try:
+            await super()._own()
+        finally:
+            await self._http.aclose()
+
+    def _transport(self) -> Any:
+        from mcp.client.streamable_http import streamable_http_client
+
+        return streamable_http_client(self.url, http_client=self._http)
+
+    @property
+    def protocol_version(self) -> str:
+        """The revision the warm session speaks."""
+        return str(self._client.protocol_version)
+
+    @staticmethod
+    async def _tool(client: Any) -> dict[str, Any]:
+        result = await client.call_tool("add", ADD_ARGUMENTS)
+        if result.is_error:
+            raise RuntimeError(f"direct call failed: {result}")
+        data: dict[str, Any] = result.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return data
+
+    def new_session_ms(self) -> float:
+        """A new session (handshake), one call and its close, in ms: a session opened per call."""
+        from mcp import Client
+
+        async def once() -> float:
+            started = time.perf_counter()
+            async with Client(self._transport()) as client:
+                await self._tool(client)
+            return (time.perf_counter() - started) * 1000
+
+        return self._loop.run(once(), timeout=60)

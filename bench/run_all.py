@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.common import RESULTS
 
-PARTS = ["bench_http", "stdio_bench", "stream_bench", "breaker_bench", "bench_scaling"]
+PARTS = ["bench_http", "stdio_bench", "streamable_http_bench", "stream_bench", "breaker_bench", "bench_scaling"]
 
 
 def _load(name: str) -> Any:
@@ -56,6 +56,16 @@ def targets(results: dict[str, Any]) -> list[Row]:
         rows.append(_row("stdio cold start + first call p50 (ms)", f"{cold['p50']:.0f}",
                          f"{direct['p50']:.0f} SDK start + first call", round(cold["p50"] / direct["p50"], 2),
                          "once/process", None))
+    for name, figures in ((results.get("streamable_http") or {}).get("revisions") or {}).items():
+        warm, floor = figures["warm_ms"], figures["floor_ms"]
+        rev = figures.get("protocol_version") or name
+        r = round(warm["p95"] / floor["p95"], 2)
+        rows.append(_row(f"streamable-http warm p95 ({rev})", f"{warm['p95']:.2f} (p50 {warm['p50']:.2f})",
+                         f"{floor['p95']:.2f} no-op + direct warm SDK call", r, "<= 1.25x", r <= 1.25))
+        new, direct = figures["new_session_ms"], figures["direct_warm_ms"]
+        rows.append(_row(f"new session per call p50 ({rev})", f"{new['p50']:.2f}",
+                         f"{direct['p50']:.2f} direct warm SDK call", round(new["p50"] / direct["p50"], 2),
+                         "reference", None))
     if stream:
         over = stream["p95_over_raw_ms"]
         rows.append(_row("chunk latency p95 (ms)", f"{stream['sark_paced']['latency_ms']['p95']:.3f}",
@@ -102,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:  # one broken part must not hide the others' figures
             failed.append(f"{part}: exit {done.returncode}")
             print(f"!! {part} failed (exit {done.returncode})", flush=True)
-    summary: dict[str, Any] = {name: _load(name) for name in ("http", "stdio", "stream_bench", "breaker", "scaling")}
+    names = ("http", "stdio", "streamable_http", "stream_bench", "breaker", "scaling")
+    summary: dict[str, Any] = {name: _load(name) for name in names}
     summary["targets"] = targets(summary)
     print("\n" + format_targets(summary["targets"]))
     summary["failed"] = failed
