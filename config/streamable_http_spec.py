@@ -8,8 +8,11 @@ official ``mcp`` SDK's client (the transport is :mod:`workers.transports.streama
         transport: streamable-http
         url: https://mcp.example.com/mcp          # may read the environment: ${DOCS_URL:-https://…}
         headers: {X-Api-Key: DOCS_API_KEY}     # header name -> NAME of a worker environment variable
-        auth: bearer-env                         # none | bearer-env | forward
+        auth: bearer-env                         # none | bearer-env | forward | oauth-client-credentials
         token_env: DOCS_TOKEN                    # bearer-env: the variable holding the token
+        # oauth-client-credentials instead: the fleet's own OAuth client (machine to machine)
+        # oauth: {client_id: sark, method: client_secret_basic, client_secret_env: DOCS_SECRET,
+        #         issuer: https://auth.example.com}
         protocol_version: "2025-11-25"           # optional pin; default: negotiate
 
 ``auth: forward`` sends the caller's own token to the server. The MCP security guidance forbids blind
@@ -24,7 +27,7 @@ import re
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from config.registry import ServerBase
 from config.transports import TransportSpec
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from config.check import Problem
     from config.settings import Settings
 
-__all__ = ["TRANSPORT", "StreamableHttpServer", "check"]
+__all__ = ["TRANSPORT", "OAuthClientCredentials", "StreamableHttpServer", "check"]
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _URL_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -43,6 +46,47 @@ _RESERVED = {"authorization", "content-type", "accept", "mcp-session-id", "mcp-p
              "last-event-id", "host", "content-length"}
 
 
+class OAuthClientCredentials(BaseModel):
+    """OAuth 2.1 client credentials of the worker fleet for one server (``auth: oauth-client-credentials``).
+
+    The authorization server is discovered from the MCP server (its 401 names the protected resource
+    metadata, which names the authorization server, whose metadata names the token endpoint); the token is
+    kept per worker process and renewed when it expires. Secrets are named by environment variable only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    client_id: str = Field(min_length=1, description="the client id the authorization server issued")
+    method: Literal["client_secret_basic", "client_secret_post", "private_key_jwt"] = Field(
+        default="client_secret_basic", description="how the client authenticates at the token endpoint")
+    client_secret_env: str | None = Field(
+        default=None, description="client_secret_basic/post: the variable holding the client secret")
+    private_key_env: str | None = Field(
+        default=None, description="private_key_jwt: the variable holding the PEM private key that signs assertions")
+    signing_algorithm: Literal["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256"] = Field(
+        default="RS256", description="private_key_jwt: the assertion's algorithm")
+    scope: str | None = Field(default=None, description="space-separated scopes to ask for")
+    issuer: str | None = Field(
+        default=None, description="the authorization server's issuer: the credentials are sent nowhere else")
+
+    @model_validator(mode="after")
+    def _secret_for_method(self) -> OAuthClientCredentials:
+        needed, other = ("private_key_env", "client_secret_env") if self.method == "private_key_jwt" else (
+            "client_secret_env", "private_key_env")
+        value = getattr(self, needed)
+        if not value or not _ENV_NAME.match(value):
+            raise ValueError(f"oauth method {self.method} needs {needed}: the NAME of an environment variable")
+        if getattr(self, other) is not None:
+            raise ValueError(f"oauth method {self.method} does not use {other}")
+        if self.issuer is not None and urlsplit(self.issuer).scheme not in ("http", "https"):
+            raise ValueError("oauth.issuer must be the authorization server's http(s) issuer URL")
+        return self
+
+    def variables(self) -> list[str]:
+        """The environment variables it reads."""
+        return [v for v in (self.client_secret_env, self.private_key_env) if v]
+
+
 class StreamableHttpServer(ServerBase):
     """An MCP server reached over Streamable HTTP (both the 2025-11-25 handshake and 2026-07-28 stateless)."""
 
@@ -50,9 +94,12 @@ class StreamableHttpServer(ServerBase):
     url: str = Field(min_length=1, description="the MCP endpoint (http or https)")
     headers: dict[str, str] = Field(
         default_factory=dict, description="header name -> NAME of the worker environment variable sent as its value")
-    auth: Literal["none", "bearer-env", "forward"] = Field(
-        default="none", description="none | bearer-env (token_env) | forward (the caller's token; opt-in)")
+    auth: Literal["none", "bearer-env", "forward", "oauth-client-credentials"] = Field(
+        default="none", description="none | bearer-env (token_env) | forward (the caller's token; opt-in) | "
+        "oauth-client-credentials (oauth)")
     token_env: str | None = Field(default=None, description="bearer-env: the variable holding the bearer token")
+    oauth: OAuthClientCredentials | None = Field(
+        default=None, description="oauth-client-credentials: the fleet's client credentials")
     protocol_version: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
                                          description="refuse a session of another revision; default: negotiate")
     startup_timeout: float = Field(default=10.0, gt=0, description="seconds for connect + handshake")
@@ -106,7 +153,20 @@ class StreamableHttpServer(ServerBase):
                 raise ValueError("auth bearer-env needs token_env: the NAME of an environment variable")
         elif self.token_env is not None:
             raise ValueError("token_env is only used with auth: bearer-env")
+        if self.auth == "oauth-client-credentials" and self.oauth is None:
+            raise ValueError("auth oauth-client-credentials needs an oauth: block (client_id, method, secret variable)")
+        if self.auth != "oauth-client-credentials" and self.oauth is not None:
+            raise ValueError("oauth is only used with auth: oauth-client-credentials")
         return self
+
+    def variables(self) -> list[str]:
+        """Every environment variable the entry names (headers, bearer token, OAuth secret)."""
+        names = list(self.headers.values())
+        if self.token_env:
+            names.append(self.token_env)
+        if self.oauth is not None:
+            names.extend(self.oauth.variables())
+        return names
 
 
 def check(server: ServerBase, settings: Settings) -> list[Problem]:
@@ -122,6 +182,11 @@ def check(server: ServerBase, settings: Settings) -> list[Problem]:
     named = [(f"{where}.headers.{h}", v) for h, v in server.headers.items()]
     if server.token_env:
         named.append((f"{where}.token_env", server.token_env))
+    if server.oauth is not None:
+        named.extend((f"{where}.oauth", name) for name in server.oauth.variables())
+        if server.oauth.issuer is None:
+            problems.append(Problem("warning", f"{where}.oauth.issuer", "without issuer, the credentials go to "
+                                    "whichever authorization server the MCP server names; set it"))
     for place, name in named:
         if is_worker_secret(name, os.environ.get(name)):
             problems.append(Problem("error", place, f"{name} is a secret of the worker itself; it is never sent"))

@@ -40,6 +40,14 @@ def test_the_catalog_names_the_transport_and_its_queue() -> None:
     {"auth": "bearer-env"},
     {"auth": "none", "token_env": "TOKEN"},
     {"auth": "basic"},
+    {"auth": "oauth-client-credentials"},
+    {"auth": "none", "oauth": {"client_id": "sark", "client_secret_env": "S"}},
+    {"auth": "oauth-client-credentials", "oauth": {"client_id": "sark"}},
+    {"auth": "oauth-client-credentials", "oauth": {"client_id": "sark", "client_secret_env": "literal secret"}},
+    {"auth": "oauth-client-credentials", "oauth": {"client_id": "sark", "method": "private_key_jwt",
+                                                   "client_secret_env": "S"}},
+    {"auth": "oauth-client-credentials", "oauth": {"client_id": "sark", "client_secret_env": "S",
+                                                   "issuer": "ftp://auth"}},
 ])
 def test_invalid_entries_are_refused(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
@@ -143,3 +151,28 @@ def test_identities_nobody_uses_are_forgotten_when_a_new_one_comes() -> None:
     alice.users = 0
     carol = transport.sessions(server, _jwt({"sub": "carol"}))
     assert set(transport._sessions.values()) == {carol}  # neither alice's nor bob's session runs: both forgotten
+
+
+def test_oauth_client_credentials_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from config.settings import Settings
+    from config.streamable_http_spec import check
+    from workers.transports.streamable_http import oauth_provider
+
+    basic = _server(auth="oauth-client-credentials",
+                    oauth={"client_id": "sark", "client_secret_env": "DOCS_SECRET", "issuer": "https://auth.example"})
+    jwt = _server(auth="oauth-client-credentials", oauth={"client_id": "sark", "method": "private_key_jwt",
+                                                           "private_key_env": "DOCS_KEY", "signing_algorithm": "ES256"})
+    assert basic.variables() == ["DOCS_SECRET"] and jwt.variables() == ["DOCS_KEY"]
+    monkeypatch.delenv("DOCS_SECRET", raising=False)
+    monkeypatch.delenv("DOCS_KEY", raising=False)
+    assert {(p.level, p.where) for p in check(jwt, Settings())} == {
+        ("error", "servers.docs.oauth"), ("warning", "servers.docs.oauth.issuer")}
+    monkeypatch.setenv("DOCS_SECRET", "s3cret")
+    assert check(basic, Settings()) == []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning reaches the worker's log
+        provider = oauth_provider(jwt, {"DOCS_KEY": "-----BEGIN PRIVATE KEY-----"})
+    assert type(provider).__name__ == "PrivateKeyJWTOAuthProvider"
+    assert type(oauth_provider(basic, {"DOCS_SECRET": "s3cret"})).__name__ == "ClientCredentialsOAuthProvider"

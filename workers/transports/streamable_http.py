@@ -40,6 +40,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import AsyncIterator, Generator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -48,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import mcp_types as types
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
@@ -66,6 +68,7 @@ from workers.errors import (
     status_error,
 )
 from workers.models import GatewayToolInfo
+from workers.scrub import register_secret
 from workers.transports.base import BuildContext, Call, ChunkSink, ToolOutcome
 from workers.transports.mcp_calls import ProgressForwarder, list_every_tool, outcome_of
 from workers.transports.session_pool import Generation, PoolSettings, SessionPool
@@ -141,9 +144,9 @@ class _Recorder(httpx2.AsyncBaseTransport):
                 for probe in probes:
                     probe.error = exc
             raise
-        if post and response.status_code >= 400:
+        if post:  # the last POST's error status (an OAuth flow's 401 before its token is not the answer)
             for probe in probes:
-                probe.status = response.status_code
+                probe.status = response.status_code if response.status_code >= 400 else None
         json_body = response.headers.get("content-type", "").lower().startswith("application/json")
         if not (post and json_body and isinstance(response.stream, httpx2.AsyncByteStream)):
             return response  # SSE bodies: the SDK caps each event (max_sse_event_size); a stream may run long
@@ -181,7 +184,7 @@ class HttpLink:
     pid: int | None = None
 
     def __init__(self, server: StreamableHttpServer, pool: httpx2.AsyncBaseTransport, *, headers: dict[str, str],
-                 auth: _Bearer, limit: int) -> None:
+                 auth: httpx2.Auth, limit: int) -> None:
         self.server = server
         self.probe = _Probe()
         self.dead = asyncio.Event()
@@ -211,6 +214,55 @@ class HttpLink:
             log.debug("streamable-http server %s: connection ended: %r", self.server.name, crash)
         finally:
             self.dead.set()
+
+
+class _TokenMemory:
+    """The SDK's ``TokenStorage`` in this process's memory: the fleet's token of one server."""
+
+    def __init__(self) -> None:
+        self._tokens: OAuthToken | None = None
+        self._client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self._tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self._tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self._client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self._client = client_info
+
+
+def oauth_provider(server: StreamableHttpServer, environ: Mapping[str, str]) -> httpx2.Auth:
+    """The SDK's OAuth client-credentials provider for ``server`` (its secret read from ``environ``, and
+    registered with the scrubber). Without ``oauth.issuer`` the SDK warns once per provider; check-config
+    says so instead, so the warning is not repeated in the worker's log."""
+    from mcp.client.auth.extensions.client_credentials import (
+        ClientCredentialsOAuthProvider,
+        PrivateKeyJWTOAuthProvider,
+        SignedJWTParameters,
+    )
+
+    oauth = server.oauth
+    assert oauth is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        if oauth.method == "private_key_jwt":
+            key = environ.get(oauth.private_key_env or "", "")
+            register_secret(key)
+            assertions = SignedJWTParameters(issuer=oauth.client_id, subject=oauth.client_id, signing_key=key,
+                                             signing_algorithm=oauth.signing_algorithm)
+            return PrivateKeyJWTOAuthProvider(server.url, _TokenMemory(), oauth.client_id,
+                                              assertions.create_assertion_provider(), scope=oauth.scope,
+                                              issuer=oauth.issuer)
+        secret = environ.get(oauth.client_secret_env or "", "")
+        register_secret(secret)
+        return ClientCredentialsOAuthProvider(server.url, _TokenMemory(), oauth.client_id, secret,
+                                              token_endpoint_auth_method=oauth.method, scope=oauth.scope,
+                                              issuer=oauth.issuer)
 
 
 def client_mode(pin: str | None) -> str:
@@ -249,6 +301,8 @@ class ServerSessions:
         self._pool, self._environ = pool, environ
         self._limit = max_result_bytes + _ENVELOPE
         self.auth = _Bearer(token)
+        #: auth: oauth-client-credentials: the SDK's provider (its token outlives sessions; built on first use).
+        self._oauth: httpx2.Auth | None = None
         settings = PoolSettings(startup_timeout=server.startup_timeout, idle_timeout=server.idle_timeout,
                                 max_concurrency=server.max_concurrency, response_cache=True,
                                 mode=client_mode(server.protocol_version))
@@ -266,14 +320,17 @@ class ServerSessions:
         headers: dict[str, str] = {}
         for header, variable in self.server.headers.items():
             headers[header] = self._environ.get(variable, "")
-        return HttpLink(self.server, self._pool, headers=headers, auth=self.auth, limit=self._limit)
+        auth: httpx2.Auth = self.auth
+        if self.server.oauth is not None:
+            if self._oauth is None:
+                self._oauth = oauth_provider(self.server, self._environ)
+            auth = self._oauth
+        return HttpLink(self.server, self._pool, headers=headers, auth=auth, limit=self._limit)
 
     def _missing(self) -> SarkError | None:
-        """The error for a header or token variable the worker's environment lacks (checked before a call)."""
-        names = list(self.server.headers.values())
-        if self.server.auth == "bearer-env" and self.server.token_env:
-            names.append(self.server.token_env)
-        missing = [n for n in names if not self._environ.get(n)]
+        """The error for a header, token or OAuth secret variable the worker's environment lacks (checked
+        before a call)."""
+        missing = [n for n in self.server.variables() if not self._environ.get(n)]
         if not missing:
             return None
         return ServerUnavailable(f"streamable-http server {self.server.name!r}: environment variable(s) "
