@@ -106,6 +106,11 @@ def _arrived_on(task: Task) -> object:
     return (task.request.delivery_info or {}).get("routing_key")
 
 
+def _forwardable(task: Task) -> bool:
+    """Not forwarded before (:data:`_FORWARDED_HEADER`): a :class:`NotServedHere` will be forwarded."""
+    return _header(task, _FORWARDED_HEADER) is None
+
+
 def _forward(task: Task, exc: NotServedHere, **options: Any) -> None:
     """Re-publish the task, same id and headers, to the queue of the transport this worker does not serve,
     and end this delivery without a state (``Ignore``). A task forwarded before fails with ``exc``.
@@ -116,12 +121,12 @@ def _forward(task: Task, exc: NotServedHere, **options: Any) -> None:
         Reject: the broker is unreachable: the message goes back to its queue instead.
     """
     queue = str(exc.detail["queue"])
-    if _header(task, _FORWARDED_HEADER) is not None:
+    if not _forwardable(task) or queue == _arrived_on(task):  # once; never back to the queue it came from
         raise exc
     headers = {**(task.request.headers or {}), _FORWARDED_HEADER: queue}
     again = task.signature_from_request(task.request, None, None, queue=queue, headers=headers, **options)
     try:
-        again.apply_async()
+        again.apply_async(add_to_parent=False)
     except Exception as publish_error:
         raise Reject(f"cannot forward: {type(publish_error).__name__}", requeue=True) from None
     log.info("task %s: transport %s is not served here; forwarded to %s", task.request.id,
@@ -179,7 +184,8 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     # `previous` reads the backend in a thread of the loop: with this thread's backend (its client is thread-safe).
     coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
                    lease=lease, taken_attempt=taken[1] if taken else None, taken_fresh=bool(taken and taken[2]),
-                   previous=functools.partial(_stored_result, self.backend, request_id))
+                   previous=functools.partial(_stored_result, self.backend, request_id),
+                   forwardable=_forwardable(self))
     try:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:
@@ -196,14 +202,18 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
         again = self.signature_from_request(self.request, None, None, countdown=exc.retry_after + _LEASE_RETRY_MARGIN,
                                             retries=self.request.retries + 1, headers=headers, **_shown(invocation))
         try:
-            again.apply_async()
+            again.apply_async(add_to_parent=False)  # not a child of itself (same id)
         except Exception as publish_error:  # the broker is unreachable: this message goes back instead
             raise Reject(f"cannot re-publish: {type(publish_error).__name__}", requeue=True) from None
         log.info("invocation %s runs elsewhere: this delivery waits %.1fs for its lease", request_id,
                  exc.retry_after + _LEASE_RETRY_MARGIN)
         raise Ignore() from None
     except NotServedHere as exc:
-        runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
+        attempt = getattr(exc, "attempt", 0)
+        if _forwardable(self) and attempt:
+            runtime.hand_over_lease(request_id, lease, attempt, wait=_RELEASE_WAIT)
+        else:
+            runtime.release_lease(request_id, lease, wait=_RELEASE_WAIT)
         _forward(self, exc, **_shown(invocation))
     except Cancelled:
         if runtime.draining:  # interrupted by the worker's shutdown, not by the caller: run it elsewhere

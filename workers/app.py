@@ -92,8 +92,18 @@ class InvocationRouter:
 
 
 def every_queue(settings: Settings) -> list[str]:
-    """The queue of every transport of the catalog, each once, the default (``queue_http``) first."""
-    return list(dict.fromkeys([settings.queue_http, *(settings.queue_for(name) for name in catalog())]))
+    """The queue of every transport of the catalog, each once, the default (``queue_http``) first.
+
+    A plug-in that cannot be loaded leaves the built-in queues (logged): the app still imports, and the
+    worker's start-up check (``sark check-config``) says what is wrong instead of a traceback.
+    """
+    builtin = [settings.queue_http, settings.queue_sse, settings.queue_stdio]
+    try:
+        names = list(catalog())
+    except (ImportError, ValueError, TypeError, AttributeError) as exc:
+        log.error("transport catalog: %s; declaring the built-in queues only (run `sark check-config`)", exc)
+        return builtin
+    return list(dict.fromkeys([*builtin, *(settings.queue_for(name) for name in names)]))
 
 
 def create_app(settings: Settings | None = None) -> Celery:

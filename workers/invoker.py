@@ -114,6 +114,7 @@ async def execute(
     taken_attempt: int | None = None,
     taken_fresh: bool = False,
     previous: StoredResult | None = None,
+    forwardable: bool = True,
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
 
@@ -130,12 +131,17 @@ async def execute(
     A streamed invocation (``"stream": true``) publishes its chunks to its Redis Stream, and
     always a terminal entry: done (with the final result), error, or cancelled.
 
+    ``forwardable``: a :class:`~workers.errors.NotServedHere` will be forwarded to the transport's queue (its
+    ``attempt`` attribute says which start to take back), so the stream stays open for the worker that
+    carries the invocation out; when False (forwarded once already), it ends the stream like any error.
+
     Raises:
         SarkError: any typed failure, scrubbed of every secret the worker holds (:mod:`workers.scrub`)
             and never chained to a third-party exception; a fault of ours is :class:`InternalError`.
     """
     s = runtime.settings
     publisher: StreamPublisher | None = None
+    attempt = 0
     with contextlib.ExitStack() as scope:
         # A sealed header is ciphertext bound to this task; a clear one is the token itself.
         # (One longer than any accepted token is refused without being echoed: no need to scrub for it.)
@@ -170,9 +176,11 @@ async def execute(
                                     publisher=publisher)
         except SarkError as exc:
             error = scrub_error(exc)
-            # Not served here: the task forwards the invocation to its transport's queue; the stream stays
-            # open for the worker that carries it out.
-            if publisher is not None and not isinstance(exc, NotServedHere):
+            if isinstance(error, NotServedHere) and forwardable:
+                # The task forwards the invocation unstarted: its stream stays open for the worker that
+                # carries it out, and this start is taken back (the forwarded copy counts the same attempt).
+                error.attempt = attempt  # type: ignore[attr-defined]
+            elif publisher is not None:
                 await _end_stream(publisher, error)
             raise error from None
         except asyncio.CancelledError:

@@ -119,6 +119,24 @@ end
 return {others, retaken}
 """
 
+# KEYS[1]: the lease, KEYS[2]: its attempt counter. ARGV[1]: holder, ARGV[2]: the attempt its start counted.
+# Held by that holder: release it and take the start back (the counter as it was before it), so that the
+# copy forwarded elsewhere counts the same attempt. → 1 when it was held, else 0 (nothing changed).
+_HAND_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') == tonumber(ARGV[2]) then
+  if tonumber(ARGV[2]) <= 1 then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('DECR', KEYS[2])
+  end
+end
+return 1
+"""
+
 #: The BEGIN script (its KEYS/ARGV above), for a consumer that takes the lease with the message.
 BEGIN = _BEGIN
 #: Message header in which a Redis broker's consumer hands the task the lease it took with the message
@@ -208,6 +226,7 @@ class LeaseKeeper:
         self._begin = client.register_script(_BEGIN)
         self._sync = client.register_script(_SYNC)
         self._resume = client.register_script(_RESUME)
+        self._hand_over = client.register_script(_HAND_OVER)
         self._held: dict[str, _Held] = {}
         #: (request id, token) given up by task threads, not yet sent (a deque: appended from any thread).
         self._pending: collections.deque[tuple[str, str]] = collections.deque()
@@ -273,6 +292,24 @@ class LeaseKeeper:
         self._flush_due = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: the lease lapses
             loop.call_soon_threadsafe(loop.call_later, _FLUSH_DELAY, self._flush_later)
+
+    async def hand_over(self, request_id: str, token: str, attempt: int) -> bool:
+        """Give the lease of ``request_id`` up and take back the start it counted (``attempt``): the
+        invocation goes to another worker unstarted (:class:`~workers.errors.NotServedHere`), whose start
+        is then the same attempt. False when ``token`` no longer held it (nothing changed).
+
+        Raises:
+            RedisError, OSError: Redis could not be reached (the lease lapses; the copy counts one more).
+        """
+        held = self._held.get(request_id)
+        if held is not None and held.token == token:
+            del self._held[request_id]
+            self._contested.discard(request_id)
+        if self._renewing is not None:  # a renewal in flight would take the lease back after its deletion
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._renewing)
+        done = await self._hand_over(keys=[lease_key(request_id), attempt_key(request_id)], args=[token, attempt])
+        return bool(int(done))
 
     async def release(self, request_id: str, token: str) -> None:
         """Give the lease of ``request_id`` up now if ``token`` holds it here (with any other given up).

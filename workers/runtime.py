@@ -25,7 +25,7 @@ from config.transports import catalog, get_spec
 from workers.authz import TokenVerifier
 from workers.breaker.board import BreakerBoard
 from workers.environment import harden_worker_process, launch_environment
-from workers.errors import Cancelled, NotServedHere
+from workers.errors import Cancelled, InternalError, NotServedHere
 from workers.leases import LeaseKeeper, max_hold, taken_with_messages
 from workers.loop import EventLoopThread, LoopClosed
 from workers.redis_client import reconnecting_client
@@ -73,6 +73,7 @@ class Runtime:
         #: Queues whose transports are built (:meth:`serve_queue`); swapped whole, read without the lock.
         self._served_queues = frozenset(settings.queue_for(name) for name in self.wanted)
         self._serve_lock = threading.Lock()
+        self._closing = False
         self._inflight: dict[str, concurrent.futures.Future[Any]] = {}
         #: True once the worker is shutting down and has interrupted what was running.
         self.draining = False
@@ -108,6 +109,8 @@ class Runtime:
         await self._build(self.wanted)
 
     async def _build(self, names: Collection[str]) -> None:
+        if self._closing:
+            raise LoopClosed("the worker is shutting down: no transport is built now")
         for name in names:
             if name not in self.transports:
                 transport = get_spec(name).build(self._context)
@@ -116,7 +119,11 @@ class Runtime:
 
     def serve_queue(self, queue: object) -> None:
         """Build the transports of ``queue`` (the queue a task arrived on) if they are not built: this worker
-        was told to consume it after it started (``celery control add_consumer``). Free when they are."""
+        was told to consume it after it started (``celery control add_consumer``). Free when they are.
+
+        Raises:
+            InternalError: the transports could not be built (the worker is stopping, or one failed to open).
+        """
         if queue in self._served_queues or not isinstance(queue, str):
             return
         with self._serve_lock:
@@ -125,7 +132,12 @@ class Runtime:
             names = [name for name in catalog() if self.settings.queue_for(name) == queue]
             if names:
                 log.info("queue %s was added: building transport(s) %s", queue, ", ".join(names))
-                self.loop.run(self._build(names), timeout=60)
+                try:
+                    self.loop.run(self._build(names), timeout=60)
+                except Exception as exc:
+                    log.exception("building transport(s) %s for queue %s failed", ", ".join(names), queue)
+                    raise InternalError(f"the worker could not start transport(s) {', '.join(names)} "
+                                        f"({type(exc).__name__}); see the worker log") from None
             self._served_queues = self._served_queues | {queue}
 
     def run_invocation(self, request_id: str, coro: Coroutine[Any, Any, T], timeout: float) -> T:
@@ -165,6 +177,15 @@ class Runtime:
         with contextlib.suppress(Exception):
             future.result(wait)
 
+    def hand_over_lease(self, request_id: str, token: str, attempt: int, *, wait: float) -> None:
+        """From a task thread: release the lease of an invocation forwarded unstarted, taking back its start
+        (:meth:`LeaseKeeper.hand_over`); waits up to ``wait`` s, never raises (a lease left lapses)."""
+        try:
+            self.loop.run(self.leases.hand_over(request_id, token, attempt), timeout=wait)
+        except Exception as exc:
+            log.warning("could not hand over the lease of %s (%s): it lapses by itself", request_id,
+                        type(exc).__name__)
+
     def drain(self) -> int:
         """Stop everything in flight (cold/soft shutdown): interrupted invocations go back to the queue."""
         self.draining = True
@@ -192,6 +213,7 @@ class Runtime:
                                 {"transport": name, "queue": queue}) from None
 
     async def _close(self) -> None:
+        self._closing = True  # a queue added now builds nothing that this close would miss
         await self.leases.close()
         for transport in self.transports.values():
             try:

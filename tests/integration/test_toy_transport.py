@@ -19,6 +19,7 @@ from config.transports import PLUGINS_VARIABLE, reset_catalog
 from devkit.stack import DevStack, Proc
 from tests.helpers import invoke, settings_with
 from workers.errors import CircuitOpen, NotServedHere, TransportError
+from workers.streams import reader as stream_client
 
 REPO = Path(__file__).resolve().parents[2]
 REGISTRY = """
@@ -91,16 +92,20 @@ def test_a_stdio_task_sent_to_the_toy_worker_is_forwarded_to_its_queue_without_s
         "server": "time", "tool": "get_current_time", "arguments": {"timezone": "UTC"}}}, queue="sark.toy")
     result = sent.get(timeout=60)
     assert result["transport"] == "stdio" and result["request_id"] == sent.id
+    assert result["attempt"] == 1  # the toy worker's start was taken back: not a redelivery
     assert "forwarded to sark.stdio" in toy_worker.log()
     assert "mcp-server-time" not in _children(toy_worker)
 
 
 def test_a_forwarded_task_that_misses_again_fails_typed(toy_worker: Proc, toy_app: Celery) -> None:
-    sent = toy_app.send_task("sark.invoke", kwargs={"invocation": {"server": "time", "tool": "get_current_time"}},
-                             queue="sark.toy", headers={"sark_forwarded": "sark.stdio"})
+    sent = toy_app.send_task("sark.invoke", kwargs={"invocation": {
+        "server": "time", "tool": "get_current_time", "stream": True}},
+        queue="sark.toy", headers={"sark_forwarded": "sark.stdio"})
     with pytest.raises(NotServedHere, match="not served by this worker") as caught:
         sent.get(timeout=60)
     assert caught.value.detail["queue"] == "sark.stdio"
+    with pytest.raises(NotServedHere):  # its stream ends with the same error, not left open
+        list(stream_client.stream(sent.id, idle_timeout=20))
     assert "mcp-server-time" not in _children(toy_worker)
 
 

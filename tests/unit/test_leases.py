@@ -362,3 +362,28 @@ def test_a_lease_taken_with_its_message_is_taken_back_counting_no_second_start(r
             await worker.acquire(busy, "taken-stale", taken_attempt=1)
 
     _run(redis_url, scenario)
+
+
+def test_a_hand_over_takes_the_start_back_so_the_forwarded_copy_is_the_same_attempt(redis_url: str) -> None:
+    rid, again = _rid(), _rid()
+    sync = redis.Redis.from_url(redis_url)
+
+    async def scenario(keepers: list[LeaseKeeper]) -> None:
+        first, second = keepers
+        a = first.new_token()
+        assert await first.acquire(rid, a) == 1
+        assert not await second.hand_over(rid, "w1:not-the-holder", 1)  # not held by that token: nothing changes
+        assert sync.get(attempt_key(rid)) == b"1"
+        assert await first.hand_over(rid, a, 1)
+        assert first.held == {} and sync.exists(lease_key(rid)) == 0
+        assert await second.acquire(rid, second.new_token()) == 1  # the forwarded copy: still attempt 1
+        # A redelivered invocation (attempt 2) forwarded: its copy is attempt 2 again, not 3.
+        b = first.new_token()
+        assert await first.acquire(again, b) == 1
+        await first.release(again, b)
+        c = first.new_token()
+        assert await first.acquire(again, c) == 2
+        assert await first.hand_over(again, c, 2)
+        assert await second.acquire(again, second.new_token()) == 2
+
+    _run(redis_url, scenario)
