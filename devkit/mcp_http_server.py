@@ -8,22 +8,40 @@ line per tool start, end and cancellation: what the server saw), ``--legacy`` (2
 ``initialize`` and ``Mcp-Session-Id``), ``--http-error TOOL=STATUS`` (that HTTP status for a call of
 ``TOOL``), ``--list-ttl MS`` (``tools/list`` answers carry that ``ttlMs`` cache hint; ``--events`` also
 notes ``rpc <method>`` per request naming its method); tool ``rpc_error`` answers a JSON-RPC error.
+``--oauth-client ID:SECRET`` makes the server its own OAuth 2.1 authorization server for the client
+credentials grant (the MCP authorization discovery the SDK's ``ClientCredentialsOAuthProvider`` follows):
+a request without a valid, unexpired issued token gets 401 with ``WWW-Authenticate: Bearer
+resource_metadata="<base>/.well-known/oauth-protected-resource/mcp"``; that protected resource metadata
+(RFC 9728) names the server itself as authorization server, whose metadata (RFC 8414,
+``/.well-known/oauth-authorization-server``; issuer = ``scheme://Host`` of the request) names
+``/token``, which takes ``grant_type=client_credentials`` with the client authenticated by HTTP Basic
+(``client_secret_basic``) or form fields (``client_secret_post``) and answers a random bearer token
+valid ``--oauth-token-ttl SECONDS`` (default 3600), or 401 ``invalid_client``; ``--events`` notes
+``token issued`` per token. (``/authorize`` only answers 400: the metadata names it because the SDK's model
+requires the field.) ``--token`` and ``--oauth-client`` exclude each other.
 On start it prints ``READY <port>``.
 
-Run: ``python -m devkit.mcp_http_server --port 0 [--host 127.0.0.1] [--stateless] [--token T]``.
+Run: ``python -m devkit.mcp_http_server --port 0 [--host 127.0.0.1] [--stateless] [--token T | --oauth-client
+ID:SECRET [--oauth-token-ttl S]]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import hmac
+import json
+import secrets
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from mcp.server.caching import CacheableMethod, CacheHint
 from mcp.server.mcpserver import Context, MCPServer
@@ -40,8 +58,10 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 def build_app(*, stateless: bool = False, json_response: bool = False, token: str | None = None,
               events: Path | None = None, legacy: bool = False, http_errors: dict[str, int] | None = None,
-              list_ttl_ms: int | None = None) -> App:
-    """The ASGI app: the SDK's Streamable HTTP app at ``/mcp``, behind a bearer check when ``token`` is set.
+              list_ttl_ms: int | None = None, oauth_client: tuple[str, str] | None = None,
+              oauth_token_ttl: int = 3600) -> App:
+    """The ASGI app: the SDK's Streamable HTTP app at ``/mcp``, behind a bearer check when ``token`` is set,
+    or behind its own OAuth client-credentials authorization server when ``oauth_client`` (id, secret) is.
 
     ``legacy``: ``server/discover`` lists only 2025-11-25, so clients fall back to the ``initialize``
     handshake and a ``Mcp-Session-Id`` session (the SDK server otherwise speaks 2026-07-28 first).
@@ -123,6 +143,10 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         app = _handshake_era_only(app)
     if events is not None:
         app = _noting_methods(app, note)
+    if token is not None and oauth_client is not None:
+        raise ValueError("token and oauth_client exclude each other")
+    if oauth_client is not None:
+        return _OAuthServer(app, *oauth_client, ttl=oauth_token_ttl, note=note)
     if token is None:
         return app
     expected = f"Bearer {token}".encode()
@@ -139,6 +163,123 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         await app(scope, receive, send)
 
     return guarded
+
+
+_PRM_PATH = "/.well-known/oauth-protected-resource"
+_ASM_PATH = "/.well-known/oauth-authorization-server"
+
+
+async def _answer(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None,
+                  ) -> None:
+    """A JSON answer (``Cache-Control: no-store``, as RFC 6749 asks of token responses)."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store"),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+async def _body(receive: Receive, limit: int = 65_536) -> bytes:
+    """The request body (at most ``limit`` bytes are kept)."""
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = bool(message.get("more_body"))
+    return body[:limit]
+
+
+class _OAuthServer:
+    """``app`` behind an OAuth 2.1 authorization server of its own, for one client (client credentials).
+
+    Serves the protected resource metadata (RFC 9728; at ``/.well-known/oauth-protected-resource`` and
+    under it, e.g. ``…/mcp``), the authorization server metadata (RFC 8414) and ``POST /token``; every
+    other request needs ``Authorization: Bearer <an issued, unexpired token>``, else 401 naming the
+    protected resource metadata. Base URL and issuer: ``scheme://Host`` of each request.
+    """
+
+    def __init__(self, app: App, client_id: str, client_secret: str, *, ttl: int,
+                 note: Callable[[str], None]) -> None:
+        self._app, self._ttl, self._note = app, ttl, note
+        self._client_id, self._client_secret = client_id.encode(), client_secret.encode()
+        self._tokens: dict[str, float] = {}  # token -> monotonic expiry
+
+    @staticmethod
+    def _base(scope: Scope) -> str:
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode(errors="replace")
+        if not host:
+            server = scope.get("server") or ("127.0.0.1", 80)
+            host = f"{server[0]}:{server[1]}"
+        return f"{scope.get('scheme', 'http')}://{host}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        base = self._base(scope)
+        if path == _PRM_PATH or path.startswith(_PRM_PATH + "/"):
+            resource = base + (path[len(_PRM_PATH):] or "/mcp")
+            await _answer(send, 200, {"resource": resource, "authorization_servers": [base],
+                                      "bearer_methods_supported": ["header"]})
+        elif path == _ASM_PATH:
+            await _answer(send, 200, {
+                "issuer": base, "token_endpoint": f"{base}/token", "authorization_endpoint": f"{base}/authorize",
+                "response_types_supported": [], "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"]})
+        elif path == "/token":
+            await self._token(scope, receive, send)
+        elif path == "/authorize":  # named in the metadata (the SDK's model requires it), never used
+            await _answer(send, 400, {"error": "unsupported_response_type"})
+        elif self._authorized(scope):
+            await self._app(scope, receive, send)
+        else:
+            challenge = f'Bearer resource_metadata="{base}{_PRM_PATH}/mcp"'.encode()
+            await _answer(send, 401, {"error": "invalid_token"}, [(b"www-authenticate", challenge)])
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = dict(scope.get("headers") or []).get(b"authorization", b"").decode(errors="replace")
+        kind, _, token = given.partition(" ")
+        expiry = self._tokens.get(token) if kind.lower() == "bearer" and token else None
+        return expiry is not None and time.monotonic() < expiry
+
+    def _client_of(self, scope: Scope, form: dict[str, list[str]]) -> tuple[bytes, bytes] | None:
+        """The client id and secret the request presents: HTTP Basic (RFC 6749 2.3.1: each form-urlencoded)
+        or the ``client_id`` / ``client_secret`` form fields."""
+        given = dict(scope.get("headers") or []).get(b"authorization", b"").decode(errors="replace")
+        kind, _, credentials = given.partition(" ")
+        if kind.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            client_id, colon, secret = decoded.partition(":")
+            return (unquote(client_id).encode(), unquote(secret).encode()) if colon else None
+        if "client_id" in form and "client_secret" in form:
+            return form["client_id"][0].encode(), form["client_secret"][0].encode()
+        return None
+
+    async def _token(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") != "POST":
+            await _answer(send, 405, {"error": "invalid_request"}, [(b"allow", b"POST")])
+            return
+        form = parse_qs((await _body(receive)).decode(errors="replace"))
+        presented = self._client_of(scope, form)
+        # Both compared whatever the first says (no early exit telling a wrong id from a wrong secret).
+        id_ok = presented is not None and hmac.compare_digest(presented[0], self._client_id)
+        secret_ok = presented is not None and hmac.compare_digest(presented[1], self._client_secret)
+        if not (id_ok and secret_ok):
+            await _answer(send, 401, {"error": "invalid_client"}, [(b"www-authenticate", b'Basic realm="token"')])
+            return
+        if form.get("grant_type", [""])[0] != "client_credentials":
+            await _answer(send, 400, {"error": "unsupported_grant_type"})
+            return
+        now = time.monotonic()
+        for stale in [t for t, expiry in self._tokens.items() if expiry <= now]:
+            del self._tokens[stale]
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = now + self._ttl
+        self._note("token issued")
+        await _answer(send, 200, {"access_token": token, "token_type": "Bearer", "expires_in": self._ttl})
 
 
 def _handshake_era_only(app: App) -> App:
@@ -215,7 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--stateless", action="store_true")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--token")
+    secured = parser.add_mutually_exclusive_group()
+    secured.add_argument("--token", help="every request needs Authorization: Bearer TOKEN")
+    secured.add_argument("--oauth-client", metavar="ID:SECRET",
+                         help="be an OAuth authorization server for this client (client credentials)")
+    parser.add_argument("--oauth-token-ttl", type=int, default=3600, metavar="SECONDS",
+                        help="lifetime of the tokens --oauth-client issues")
     parser.add_argument("--events", type=Path)
     parser.add_argument("--legacy", action="store_true", help="2025-11-25 only: initialize + Mcp-Session-Id")
     parser.add_argument("--list-ttl", type=int, metavar="MS",
@@ -223,6 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-error", action="append", default=[], metavar="TOOL=STATUS",
                         help="answer a tools/call of TOOL with that HTTP status")
     args = parser.parse_args(argv)
+    oauth_client: tuple[str, str] | None = None
+    if args.oauth_client is not None:
+        client_id, colon, client_secret = args.oauth_client.partition(":")
+        if not (client_id and colon and client_secret):
+            parser.error("--oauth-client takes ID:SECRET")
+        oauth_client = (client_id, client_secret)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit it; without it every 2026-07-28 answer (headers and body written apart)
@@ -232,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     sock.listen(128)  # connections wait in the backlog from READY on
     http_errors = {tool: int(code) for tool, _, code in (e.partition("=") for e in args.http_error)}
     app = build_app(stateless=args.stateless, json_response=args.json, token=args.token, events=args.events,
-                    legacy=args.legacy, http_errors=http_errors, list_ttl_ms=args.list_ttl)
+                    legacy=args.legacy, http_errors=http_errors, list_ttl_ms=args.list_ttl,
+                    oauth_client=oauth_client, oauth_token_ttl=args.oauth_token_ttl)
     print(f"READY {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
