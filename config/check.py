@@ -154,8 +154,8 @@ def check_config(registry_path: Path | None = None) -> list[Problem]:
     path = registry_path or settings.registry_path
     try:
         registry = load_registry(path)
-    except RegistryError as exc:
-        return [Problem("error", str(path), str(exc))]
+    except RegistryError as exc:  # its message names the file already
+        return [Problem("error", "registry", str(exc))]
     problems = check_registry(registry, settings)
     problems.extend(check_security(registry, settings))
     return problems

@@ -352,7 +352,8 @@ def load_registry(path: Path) -> Registry:
         RegistryError: the file is missing, not YAML, or does not validate.
     """
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open(encoding="utf-8") as stream:  # from the file: YAML errors name it, not "<unicode string>"
+            raw = yaml.safe_load(stream) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise RegistryError(f"cannot read server registry {path}: {exc}") from exc
     if not isinstance(raw, dict):

@@ -346,10 +346,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    """Serve the reference Gateway."""
-    from devkit.gateway.__main__ import main as gateway_main
+    """Serve the reference Gateway (the same options as ``python -m devkit.gateway``)."""
+    from devkit.gateway.__main__ import serve
 
-    gateway_main(["--host", args.host, "--port", str(args.port)])
+    serve(args.parser, args)
     return 0
 
 
@@ -463,9 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("gateway", help="serve the reference Gateway", description=cmd_gateway.__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.set_defaults(fn=cmd_gateway)
+    from devkit.gateway.__main__ import add_arguments as gateway_arguments
+
+    gateway_arguments(p)
+    p.set_defaults(fn=cmd_gateway, parser=p)
     return parser
 
 

@@ -12,20 +12,20 @@ import os
 import sys
 from pathlib import Path
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.routing import Mount
-
-from devkit.gateway.app import DEFAULT_GATEWAY_CONFIG, GatewayConfigError, create_gateway, load_gateway_config
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m devkit.gateway`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m devkit.gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Gateway's options (``python -m devkit.gateway`` and ``sark gateway`` alike)."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--config", type=Path, default=DEFAULT_GATEWAY_CONFIG)
+    parser.add_argument("--config", type=Path, help="the Gateway's YAML config (default: config/gateway.yaml)")
     parser.add_argument("--prefix", default=os.environ.get("SARK_GATEWAY_PATH_PREFIX", ""))
     parser.add_argument("--jwt-secret-file", type=Path, help="file holding the HS256 secret of user JWTs")
     # store_true with default None: an absent flag leaves the config file's value alone
@@ -36,13 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record-headers", action="store_true", default=None,
                         help="TEST ONLY: keep the last 50 request headers, API key and tokens included, "
                              "for /_control/stats (needs --enable-control)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and serve until interrupted; exit 2 when the configuration is unsafe or invalid."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    serve(parser, parser.parse_args(argv))
+
+
+def serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Serve with parsed :func:`add_arguments` options until interrupted (``parser`` reports bad ones)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from devkit.gateway.app import DEFAULT_GATEWAY_CONFIG, GatewayConfigError, create_gateway, load_gateway_config
+
     secret = os.environ.get("SARK_GATEWAY_JWT_SECRET") or None
     if args.jwt_secret_file is not None:
         try:
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"reference gateway: cannot read --jwt-secret-file: {exc.strerror}\n")
     try:
         config = load_gateway_config(
-            args.config,
+            args.config or DEFAULT_GATEWAY_CONFIG,
             api_key=os.environ.get("SARK_GATEWAY_API_KEY") or None,
             jwt_secret=secret,
             insecure_no_api_key=args.insecure_no_api_key,

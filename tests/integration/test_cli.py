@@ -213,3 +213,20 @@ def test_wait_bounds_a_slow_stream(stack: DevStack, user_token: str) -> None:
         assert took < 1.5 + 2.0, took
     finally:
         assert sark(stack, "cancel", task_id).returncode == 0
+
+
+def test_newcomer_paths(stack: DevStack, tmp_path: Path) -> None:
+    # `sark breakers` alone lists them (no bare argparse error).
+    listed = sark(stack, "breakers")
+    assert listed.returncode == 0 and "target" in listed.stdout, listed.stderr
+    # A YAML error names the registry file (not "<unicode string>"), and the path is not repeated as a prefix.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("servers:\n  x: [1\n")
+    bad = sark(stack, "check-config", env={"SARK_REGISTRY_PATH": str(broken)})
+    assert bad.returncode == 2 and "<unicode string>" not in bad.stderr
+    assert f'in "{broken}", line 2' in bad.stderr and not bad.stderr.startswith(f"error: {broken}:")
+    # `sark gateway` takes the reference Gateway's own options.
+    from workers.cli import build_parser
+
+    args = build_parser().parse_args(["gateway", "--prefix", "/api", "--config", str(broken), "--port", "9"])
+    assert (args.prefix, args.config, args.port) == ("/api", broken, 9)

@@ -26,7 +26,7 @@ _COLUMNS = ("target", "state", "failures", "fail_max", "reset_timeout", "retry_a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``list`` / ``reset`` sub-commands to ``parser``."""
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="{list,reset}")  # no action: list
     listing = sub.add_parser("list", help="every breaker's state (registry targets and any with state)")
     listing.add_argument("target", nargs="?", help="only this target (e.g. gateway:echo)")
     reset = sub.add_parser("reset", help="close a breaker fleet-wide")
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out parsed arguments; returns the exit status."""
+    if args.action is None:
+        args.action, args.target = "list", None
     target = "*" if getattr(args, "all", False) else args.target
     try:
         rows = asyncio.run(_command(args.action, target))
