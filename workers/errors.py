@@ -365,8 +365,8 @@ FAILURES: tuple[Failure, ...] = (
     Failure("The user's token expired while the task waited in the queue", TokenExpired, "no"),
     Failure("The token is malformed, clear where sealing is required, or sealed for another task",
             InvalidToken, "no"),
-    Failure("The Gateway answered 401 (it refused the user's token or the worker's API key)",
-            AuthenticationFailed, "no"),
+    Failure("The Gateway or an MCP server answered 401 (it refused the user's token or the worker's key), or "
+            "an authorization server refused the fleet's OAuth client credentials", AuthenticationFailed, "no"),
     Failure("The Gateway answered 403, a registry `policy:` does not admit the caller, or an operator "
             "action is not signed", AuthorizationDenied, "no"),
     Failure("The Gateway answered another status >= 400 (an SSE `error` event alike), or a stdio server a "

@@ -114,7 +114,8 @@ def test_a_wrong_client_secret_is_authentication_failed(app: Celery, oauth_serve
     with pytest.raises(AuthenticationFailed) as raised:
         invoke(app, "oauth-wrong", "add", {"a": 1, "b": 2})
     _errors.append(f"{type(raised.value).__name__}: {raised.value} {raised.value.detail}")
-    assert raised.value.detail == {"server": "oauth-wrong", "status_code": 401}, _errors[-1]
+    assert raised.value.detail == {"server": "oauth-wrong", "phase": "oauth", "status_code": 401}, _errors[-1]
+    assert "refused the fleet's OAuth client credentials (HTTP 401 from the token endpoint)" in str(raised.value)
     assert not raised.value.counts_as_failure  # the server answered: not a breaker failure
     assert _issued(oauth_servers["wrong"]) == 0
 

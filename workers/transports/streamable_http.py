@@ -8,6 +8,10 @@ payload, not verified: only to keep users apart; an opaque token: its SHA-256). 
 between identities, and each call's requests carry that call's own token. Every session of the process
 shares one ``httpx2`` connection pool.
 
+``auth: oauth-client-credentials``: the SDK's client-credentials provider (:func:`oauth_provider`) on each
+session's ``httpx2`` client, one per server and worker process, so its token outlives sessions; a token
+request the authorization server refuses → ``AuthenticationFailed`` (phase ``oauth``).
+
 Errors (the table is :data:`workers.errors.FAILURES`): HTTP 401 → ``AuthenticationFailed``, 403 →
 ``AuthorizationDenied``, other statuses >= 400 → ``ToolError(status)`` (:func:`workers.errors.status_error`);
 connection refused, reset or lost mid-call → ``ServerUnavailable`` (a breaker failure); a JSON-RPC error →
@@ -57,6 +61,7 @@ from pydantic import ValidationError
 from config.registry import ServerBase
 from config.streamable_http_spec import StreamableHttpServer
 from workers.errors import (
+    AuthenticationFailed,
     DiscoveryTimeout,
     InvalidInvocation,
     InvocationTimeout,
@@ -96,6 +101,8 @@ class _Probe:
     status: int | None = None
     error: httpx2.TransportError | None = None
     too_large: int | None = None
+    #: The error status of the last POST that was not to the MCP endpoint: an OAuth token request's.
+    token_status: int | None = None
     #: The call's own token (``auth: forward``): sent with its requests, whoever else shares the session.
     token: str | None = field(default=None, repr=False)
 
@@ -127,11 +134,17 @@ class _Capped(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
+def _same_endpoint(url: httpx2.URL, endpoint: httpx2.URL) -> bool:
+    return (url.scheme, url.host, url.port, url.path.rstrip("/")) == (
+        endpoint.scheme, endpoint.host, endpoint.port, endpoint.path.rstrip("/"))
+
+
 class _Recorder(httpx2.AsyncBaseTransport):
     """The shared connection pool, noting what each POST met (see the module docstring); never closes it."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport, session: _Probe, limit: int) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport, session: _Probe, limit: int, endpoint: str) -> None:
         self._inner, self._session, self._limit = inner, session, limit
+        self._endpoint = httpx2.URL(endpoint)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         call = _probe.get()
@@ -144,7 +157,10 @@ class _Recorder(httpx2.AsyncBaseTransport):
                 for probe in probes:
                     probe.error = exc
             raise
-        if post:  # the last POST's error status (an OAuth flow's 401 before its token is not the answer)
+        if post and not _same_endpoint(request.url, self._endpoint):  # an OAuth token request
+            for probe in probes:
+                probe.token_status = response.status_code if response.status_code >= 400 else None
+        elif post:  # the last POST's error status (an OAuth flow's 401 before its token is not the answer)
             for probe in probes:
                 probe.status = response.status_code if response.status_code >= 400 else None
         json_body = response.headers.get("content-type", "").lower().startswith("application/json")
@@ -189,7 +205,8 @@ class HttpLink:
         self.probe = _Probe()
         self.dead = asyncio.Event()
         timeout = httpx2.Timeout(_CONNECT_TIMEOUT, read=None)  # the call's own deadline bounds reads
-        self._client = httpx2.AsyncClient(transport=_Recorder(pool, self.probe, limit), headers=headers,
+        self._client = httpx2.AsyncClient(transport=_Recorder(pool, self.probe, limit, server.url),
+                                          headers=headers,
                                           auth=auth, timeout=timeout)
         self._transport = streamable_http_client(server.url, http_client=self._client, max_sse_event_size=limit)
 
@@ -338,6 +355,8 @@ class ServerSessions:
 
     def _startup_error(self, link: HttpLink, exc: BaseException) -> SarkError:
         name = self.server.name
+        if link.probe.token_status is not None:  # the authorization server refused the fleet's credentials
+            return self._oauth_refused(link.probe.token_status)
         if link.probe.status is not None and link.probe.status in (401, 403):
             return self._status_error(link.probe.status, "initialize")
         if link.failure is not None:
@@ -352,6 +371,12 @@ class ServerSessions:
         return ProtocolError(f"streamable-http server {name!r} failed the MCP handshake: {type(exc).__name__}",
                              {"server": name, "phase": "initialize"})
 
+    def _oauth_refused(self, status: int) -> SarkError:
+        name = self.server.name
+        return AuthenticationFailed(f"streamable-http server {name!r}: its authorization server refused the "
+                                    f"fleet's OAuth client credentials (HTTP {status} from the token endpoint)",
+                                    {"server": name, "phase": "oauth", "status_code": status})
+
     def _status_error(self, status: int, what: str) -> SarkError:
         name = self.server.name
         return status_error(status, f"streamable-http server {name!r} answered HTTP {status} to {what}",
@@ -363,6 +388,8 @@ class ServerSessions:
             return ResultTooLarge(f"streamable-http server {name!r}: answer over {self._limit - _ENVELOPE} bytes",
                                   {"server": name, "what": "result", "limit": self._limit - _ENVELOPE,
                                    "size": probe.too_large})
+        if probe.token_status is not None:  # a token renewal during the call was refused
+            return self._oauth_refused(probe.token_status)
         if probe.status is not None and (probe.status in (401, 403) or exc.error.message in _STAND_INS):
             return self._status_error(probe.status, what)
         if exc.code == types.CONNECTION_CLOSED and _EVENT_TOO_LARGE in exc.error.message:
