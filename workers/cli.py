@@ -165,7 +165,7 @@ class _TaskWatch:
 
 
 def _stream_task(client: Any, task_id: str, *, deadline: float, after: str | None = None,
-                 unknown_at: float | None = None) -> bool:
+                 from_seq: int | None = None, unknown_at: float | None = None) -> bool:
     """Print ``task_id``'s chunks until its terminal entry (True), or until its task is over without one (False).
 
     Raises:
@@ -181,7 +181,8 @@ def _stream_task(client: Any, task_id: str, *, deadline: float, after: str | Non
     conn = redis.Redis.from_url(client.settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10)
     watch = _TaskWatch(AsyncResult(task_id, app=client.app), conn, unknown_at)
     try:
-        _follow(stream_client.stream(task_id, client=conn, after=after, block_ms=BLOCK_MS, idle_timeout=None,
+        _follow(stream_client.stream(task_id, client=conn, after=after, from_seq=from_seq, block_ms=BLOCK_MS,
+                                     idle_timeout=None,
                                      timeout=_left(deadline), finished=watch, check_every=CHECK_EVERY))
     except ProtocolError as exc:
         if not (watch.over and exc.detail.get("finished")):
@@ -207,7 +208,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     deadline = start + args.wait
     client = _client()
     try:
-        if _stream_task(client, args.task_id, deadline=deadline, after=args.after, unknown_at=start + args.grace):
+        if _stream_task(client, args.task_id, deadline=deadline, after=args.after, from_seq=args.from_seq,
+                        unknown_at=start + args.grace):
             return 0
         print(f"invocation {args.task_id} was not streamed (or its stream expired); its outcome:", file=sys.stderr)
         _print_json(wait_result(AsyncResult(args.task_id, app=client.app), _left(deadline)))
@@ -415,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="follow an invocation's stream", description=cmd_stream.__doc__)
     p.add_argument("task_id")
-    p.add_argument("--after", help="Redis stream entry id to resume after")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--from-seq", type=int, metavar="SEQ",
+                        help="resume at the chunk whose seq (as printed) is SEQ: the last seen + 1")
+    resume.add_argument("--after", help="Redis stream entry id to resume after (chunk seq N is entry 0-<N+1>)")
     p.add_argument("--wait", type=_positive, default=DEFAULT_WAIT,
                    help=f"seconds to follow the stream at most (default: {DEFAULT_WAIT:g})")
     p.add_argument("--grace", type=_positive, default=DEFAULT_GRACE,

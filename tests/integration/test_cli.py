@@ -138,6 +138,10 @@ def test_invoke_stream_and_follow(stack: DevStack, user_token: str) -> None:
     again = sark(stack, "stream", task_id)  # anyone can follow it afterwards, from the start
     assert again.returncode == 0
     assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] == [0, 1, 2]
+    resumed = sark(stack, "stream", task_id, "--from-seq", "1")  # the seq printed, not a Redis id
+    assert [json.loads(line)["seq"] for line in resumed.stdout.splitlines()] == [1, 2]
+    after = sark(stack, "stream", task_id, "--after", "0-1")  # entry 0-1 is chunk 0
+    assert [json.loads(line)["seq"] for line in after.stdout.splitlines()] == [1, 2]
 
 
 def test_stream_of_an_unknown_id_ends_after_the_grace(stack: DevStack) -> None:
