@@ -223,6 +223,23 @@ def start_gateway(
     return proc
 
 
+def start_flower(log_dir: Path, env: Mapping[str, str], user: str, password: str,
+                 port: int | None = None) -> Proc:
+    """Flower for the stack's broker on 127.0.0.1 behind basic auth (credentials passed in the environment,
+    not argv: ``ps`` shows argv to every local user); returns once it answers."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}", "--address=127.0.0.1",
+            "--persistent=False"]
+    proc = _spawn(f"flower-{port}", argv, log_dir, {**env, "FLOWER_BASIC_AUTH": f"{user}:{password}"})
+    proc.url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        return proc.alive() and httpx.get(f"{proc.url}/healthcheck", timeout=1).status_code == 200
+
+    wait_for(healthy, 60, "flower")
+    return proc
+
+
 def start_worker(
     log_dir: Path,
     env: Mapping[str, str],

@@ -341,10 +341,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo (starts its own Redis, Gateway and worker)."""
+    """Run the demo on a fleet started for it, then stop (``sark up --once``)."""
     from devkit.demo import main as demo_main
 
     return demo_main()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start a local fleet (Redis, the reference Gateway, the example MCP server, one worker per transport,
+    Flower), run the demo invocations against it, and stay up until Ctrl-C (``--once``: stop after the demo)."""
+    from devkit.up import run
+
+    return run(args)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a user JWT the reference Gateway accepts (HS256 with ``SARK_GATEWAY_JWT_SECRET``), for
+    ``SARK_USER_TOKEN``: ``export SARK_USER_TOKEN=$(sark token)``. Development only."""
+    from pathlib import Path
+
+    from devkit.gateway import make_token
+
+    secret = os.environ.get("SARK_GATEWAY_JWT_SECRET", "")
+    if args.secret_file:
+        secret = Path(args.secret_file).read_text(encoding="utf-8").strip()
+    if len(secret) < 32:
+        print("error: set SARK_GATEWAY_JWT_SECRET (32+ characters, the reference Gateway's) or pass "
+              "--secret-file; `sark up` writes both into its environment file", file=sys.stderr)
+        return 2
+    teams = [team for team in args.teams.split(",") if team]
+    print(make_token(secret, sub=args.sub, teams=teams, ttl=args.ttl))
+    return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -464,8 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env-file", help="append the keys missing from this file (e.g. .env) instead of printing")
     p.set_defaults(fn=cmd_keygen)
 
-    p = sub.add_parser("demo", help="run the end-to-end demo", description=cmd_demo.__doc__)
+    p = sub.add_parser("demo", help="run the end-to-end demo and stop", description=cmd_demo.__doc__)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("up", help="a local fleet that stays up (demo included)", description=cmd_up.__doc__)
+    from devkit.up import add_arguments as up_arguments
+
+    up_arguments(p)
+    p.set_defaults(fn=cmd_up)
+
+    p = sub.add_parser("token", help="mint a dev user token for the reference Gateway", description=cmd_token.__doc__)
+    p.add_argument("--sub", default="alice", help="the user (JWT subject)")
+    p.add_argument("--teams", default="users", help="comma list of teams (the Gateway's and policies' teams claim)")
+    p.add_argument("--ttl", type=float, default=3600, help="seconds until it expires")
+    p.add_argument("--secret-file", help="file holding the Gateway's JWT secret (default: SARK_GATEWAY_JWT_SECRET)")
+    p.set_defaults(fn=cmd_token)
 
     p = sub.add_parser("gateway", help="serve the reference Gateway", description=cmd_gateway.__doc__)
     from devkit.gateway.__main__ import add_arguments as gateway_arguments

@@ -20,7 +20,8 @@ from tests.helpers import token_headers
 from workers.tokens import generate_key
 
 pytestmark = pytest.mark.usefixtures("worker")
-COMMANDS = ["worker", "invoke", "stream", "cancel", "servers", "tools", "breakers", "check-config", "demo", "gateway"]
+COMMANDS = ["worker", "invoke", "stream", "cancel", "servers", "tools", "breakers", "check-config", "demo", "gateway",
+            "up", "token"]
 
 
 def sark(

@@ -314,3 +314,41 @@ def test_path_prefix(stack: DevStack, user_token: str) -> None:
         proc.stop()
         gateway.stop()
         client.close()
+
+
+def test_a_plain_celery_app_reads_the_typed_error_as_the_readme_says(stack: DevStack, worker: Proc) -> None:
+    # README "Without installing this project": an app that never imports this project (a fresh process: Celery
+    # rebuilds an error's class only from modules already imported) gets a class Celery generates with the
+    # error's name; its args are (message, detail), detail holding status_code and the rest.
+    import json
+    import subprocess
+    import sys
+
+    user = make_token(DEFAULT_JWT_SECRET, sub="alice", teams=["users"])
+    script = """
+import json, os, sys, uuid
+from celery import Celery
+from cryptography.fernet import Fernet
+
+app = Celery(broker=os.environ["SARK_BROKER_URL"], backend=os.environ["SARK_BROKER_URL"])
+app.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
+task_id = str(uuid.uuid4())
+sealed = Fernet(os.environ["SARK_TOKEN_KEY"]).encrypt(
+    json.dumps({"v": 1, "tid": task_id, "tok": os.environ["USER_JWT"]}).encode()).decode()
+result = app.send_task("sark.invoke", task_id=task_id, queue="sark.http",
+                       kwargs={"invocation": {"server": "restricted", "tool": "echo", "arguments": {}}},
+                       headers={"sark_token": "fernet:" + sealed})
+try:
+    print(result.get(timeout=30))
+except Exception as exc:
+    message, detail = exc.args
+    print(json.dumps({"type": type(exc).__name__, "module": type(exc).__module__, "message": message,
+                      "detail": detail, "imported": "workers" in sys.modules}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env={**stack.base_env(), "USER_JWT": user},
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["type"] == "AuthorizationDenied" and not seen["imported"]
+    assert not seen["module"].startswith("workers")  # a generated class, not the project's
+    assert seen["detail"]["status_code"] == 403 and user not in done.stdout
