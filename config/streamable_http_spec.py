@@ -100,8 +100,10 @@ class StreamableHttpServer(ServerBase):
     token_env: str | None = Field(default=None, description="bearer-env: the variable holding the bearer token")
     oauth: OAuthClientCredentials | None = Field(
         default=None, description="oauth-client-credentials: the fleet's client credentials")
-    protocol_version: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
-                                         description="refuse a session of another revision; default: negotiate")
+    # Only revisions the SDK client can speak on request: its handshake always offers 2025-11-25, so an
+    # older pin could never be honoured (every call would fail the check).
+    protocol_version: Literal["2025-11-25", "2026-07-28"] | None = Field(
+        default=None, description="the revision the session speaks (2025-11-25 or 2026-07-28); default: negotiate")
     startup_timeout: float = Field(default=10.0, gt=0, description="seconds for connect + handshake")
     max_concurrency: int = Field(default=64, ge=1, description="calls in flight on one session")
     idle_timeout: float | None = Field(default=300.0, gt=0, description="close a session idle this long")

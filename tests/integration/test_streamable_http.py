@@ -319,6 +319,17 @@ def test_server_killed_mid_call_then_restarted(app: Celery, servers: dict[str, M
         assert after and after != before
 
 
+def test_a_404_answer_of_a_2026_server_is_never_sent_again(app: Celery, servers: dict[str, McpServer]) -> None:
+    # A 2026-07-28 server answers a JSON-RPC METHOD_NOT_FOUND as HTTP 404 (here the tool raises it: it may have
+    # done work first). That is the call's answer, not an expired session: exactly one tools/call reaches it.
+    events: Path = servers["uncached"].events  # type: ignore[attr-defined]
+    before = (events.read_text() if events.exists() else "").splitlines().count("rpc tools/call")
+    with pytest.raises(ToolError) as raised:
+        invoke(app, "uncached", "rpc_error", {"code": -32601, "message": "no such thing"})
+    assert raised.value.status_code == 404 and "no such thing" in str(raised.value)
+    assert events.read_text().splitlines().count("rpc tools/call") == before + 1
+
+
 def test_restarted_server_expires_the_session_and_the_call_is_sent_again(
     app: Celery, servers: dict[str, McpServer]
 ) -> None:

@@ -16,7 +16,7 @@ from celery import Celery
 
 from config.transports import reset_catalog
 from devkit.stack import DevStack, Proc
-from tests.helpers import invoke, settings_with
+from tests.helpers import invoke, send_invoke, settings_with
 from tests.integration.test_streamable_http import McpServer, _start
 from workers.errors import AuthenticationFailed, SarkError
 
@@ -36,7 +36,7 @@ def _wire_forms(secret: str) -> list[str]:
 @pytest.fixture(scope="module")
 def oauth_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, McpServer]]:
     client = f"{CLIENT_ID}:{SECRET}"
-    options = {"basic": (), "post": (), "wrong": (), "short": ("--oauth-token-ttl", "1")}
+    options = {"basic": (), "post": (), "wrong": (), "short": ("--oauth-token-ttl", "1"), "json": ("--json",)}
     started: dict[str, McpServer] = {}
     for name, extra in options.items():
         events = tmp_path_factory.mktemp(f"oauth-{name}") / "events.log"
@@ -61,7 +61,8 @@ def oauth_env(oauth_servers: dict[str, McpServer],
     registry.write_text("servers:\n" + entry("basic", "client_secret_basic", "MCP_OAUTH_SECRET")
                         + entry("post", "client_secret_post", "MCP_OAUTH_SECRET")
                         + entry("wrong", "client_secret_basic", "MCP_OAUTH_WRONG")
-                        + entry("short", "client_secret_post", "MCP_OAUTH_SECRET"))
+                        + entry("short", "client_secret_post", "MCP_OAUTH_SECRET")
+                        + entry("json", "client_secret_basic", "MCP_OAUTH_SECRET"))
     env = {"SARK_REGISTRY_PATH": str(registry), "MCP_OAUTH_SECRET": SECRET, "MCP_OAUTH_WRONG": WRONG}
     mp = pytest.MonkeyPatch()
     mp.setenv("SARK_REGISTRY_PATH", str(registry))
@@ -106,6 +107,16 @@ def test_a_token_is_obtained_once_and_reused(app: Celery, oauth_servers: dict[st
     for _ in range(3):
         assert _add(app, f"oauth-{method}") == 3
     assert _issued(oauth_servers[method]) == 1
+
+
+def test_calls_through_one_oauth_provider_run_concurrently(app: Celery) -> None:
+    # The SDK's provider holds its lock across each request: with JSON answers (headers only when the tool is
+    # done) four 1-second calls through it took 4 s. With the token valid they now go out together.
+    assert _add(app, "oauth-json") == 3  # the token, fetched once
+    started = time.monotonic()
+    pending = [send_invoke(app, "oauth-json", "slow", {"seconds": 1.0}) for _ in range(4)]
+    assert all(p.get(timeout=30)["result"]["structuredContent"]["result"] == "slept 1.0" for p in pending)
+    assert time.monotonic() - started < 3.0
 
 
 def test_a_wrong_client_secret_is_authentication_failed(app: Celery, oauth_servers: dict[str, McpServer]) -> None:

@@ -155,3 +155,30 @@ def test_a_pool_is_idle_until_a_session_starts_and_after_it_stopped() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [True, False, True]
+
+
+def test_a_start_that_fails_after_the_handshake_leaves_its_session() -> None:
+    # The handshake succeeds, the first tools/list never answers: the start fails at startup_timeout and the
+    # session entered is left at once (its connection ends), not abandoned to the garbage collector.
+    async def slow_list(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        await asyncio.sleep(30)
+        return types.ListToolsResult(tools=[_TOOL])
+
+    server: Server[Any] = Server("slow", on_list_tools=slow_list)
+    links: list[Link] = []
+
+    def connect() -> Link:
+        links.append(Link(_memory_transport(server)))
+        return links[-1]
+
+    async def scenario() -> bool:
+        pool = SessionPool(connect, name="slow", settings=PoolSettings(startup_timeout=0.5), kind="memory",
+                           startup_error=lambda c, e: ServerCrashed(f"did not start: {type(e).__name__}"))
+        with pytest.raises(ServerCrashed, match="did not start"):
+            await pool.session()
+        await asyncio.sleep(0.2)
+        left = links[0].dead.is_set()
+        await pool.close()
+        return left
+
+    assert asyncio.run(scenario())

@@ -33,6 +33,7 @@ def test_the_catalog_names_the_transport_and_its_queue() -> None:
 
 
 @pytest.mark.parametrize("fields", [
+    {"protocol_version": "2025-06-18"},  # the SDK's handshake offers 2025-11-25: never honoured
     {"url": "ftp://example.com/mcp"},
     {"url": "http://user:pw@example.com/mcp"},
     {"headers": {"X-Api-Key": "literal secret value"}},
@@ -73,13 +74,28 @@ def test_the_url_may_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_identities_keep_users_apart() -> None:
+    from workers.errors import AuthorizationDenied
     from workers.transports.streamable_http import identity_of
+
+    def verify(token: str) -> dict[str, object]:  # stands in for the worker's TokenVerifier.claims
+        if token.count(".") != 2:
+            raise AuthorizationDenied("the user's token is not a JWT")
+        payload = token.split(".")[1]
+        claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if claims.get("forged"):
+            raise AuthorizationDenied("no configured key verifies the user's token")
+        return claims
 
     forward = _server(auth="forward")
     alice, alice_again = _jwt({"sub": "alice", "exp": 1}), _jwt({"sub": "alice", "exp": 2})
     bob, other_issuer = _jwt({"sub": "bob"}), _jwt({"sub": "alice", "iss": "elsewhere"})
-    assert identity_of(forward, alice) == identity_of(forward, alice_again)
-    assert len({identity_of(forward, t) for t in (alice, bob, other_issuer, "opaque-1", "opaque-2")}) == 5
+    forged = _jwt({"sub": "alice", "exp": 1, "forged": True})
+    assert identity_of(forward, alice, verify) == identity_of(forward, alice_again, verify)  # verified: one user
+    assert len({identity_of(forward, t, verify) for t in (alice, bob, other_issuer, "opaque-1", "opaque-2")}) == 5
+    # A token the worker cannot verify never joins the session of the user it names.
+    assert identity_of(forward, forged, verify) != identity_of(forward, alice, verify)
+    # Without a verifier, no unverified claim is trusted: each token is its own identity.
+    assert identity_of(forward, alice) != identity_of(forward, alice_again)
     assert identity_of(forward, None) == "anonymous"
     assert identity_of(_server(), alice) == identity_of(_server(), bob) == "service"
     assert "opaque-1" not in identity_of(forward, "opaque-1")
@@ -134,7 +150,7 @@ def test_a_pin_is_the_sdk_clients_mode() -> None:
     from workers.transports.streamable_http import client_mode
 
     assert client_mode(None) == "auto"
-    assert client_mode("2025-11-25") == "legacy" and client_mode("2025-06-18") == "legacy"
+    assert client_mode("2025-11-25") == "legacy"
     assert client_mode("2026-07-28") == "2026-07-28"
 
 

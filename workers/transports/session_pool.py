@@ -45,6 +45,8 @@ __all__ = ["LIST_PAGES_MAX", "Connection", "Generation", "Link", "PoolSettings",
 
 #: Most ``tools/list`` pages followed (here and by the transports' own listings).
 LIST_PAGES_MAX = 100
+#: Seconds allowed to leave a session whose start failed half-way.
+_LEAVE_TIMEOUT = 5.0
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 30.0
 _CLIENT_INFO = types.Implementation(name="sark-workers", version="0.1.0")
@@ -244,9 +246,11 @@ class SessionPool(Generic[C]):
             started = time.perf_counter()
             cache = CacheConfig() if self.settings.response_cache else None  # honours the server's hints only
             client = Client(gen.connection, mode=self.settings.mode, cache=cache, client_info=_CLIENT_INFO)
+            entered = False
             try:
                 async with asyncio.timeout(self.settings.startup_timeout):
                     await client.__aenter__()
+                    entered = True
                     await _absorb_tools(client)
             except BaseException as exc:
                 error = self._startup_error(gen.connection, exc)
@@ -255,6 +259,8 @@ class SessionPool(Generic[C]):
                     gen.ready.set_exception(error)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                if entered:  # the session started, the tool listing failed: leave it (same task), bounded
+                    await self._leave(client, exc)
                 return
             pid = gen.connection.pid
             log.info("%s server %s ready in %.0f ms (pid %s, protocol %s)", self._kind, name,
@@ -276,6 +282,16 @@ class SessionPool(Generic[C]):
             self._live.discard(gen)
             if self._gen is gen:
                 self._gen = None
+
+    async def _leave(self, client: Client, exc: BaseException) -> None:
+        """Exit a session whose start failed after it was entered (its connection and the server's session
+        would otherwise stay open until garbage collection, in another task)."""
+        try:
+            async with asyncio.timeout(_LEAVE_TIMEOUT):
+                await client.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as left:
+            self._log.debug("%s server %s: leaving a failed session: %r", self._kind, self.name, left,
+                            extra=self._extra)
 
     async def _hold(self, gen: Generation[C]) -> None:
         """Wait until the generation must stop: closed, dead, drained after retirement, or idle."""

@@ -38,14 +38,12 @@ error for that request instead of crashing the transport's task group".
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextvars
 import hashlib
 import json
 import logging
 import warnings
-from collections.abc import AsyncIterator, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -190,6 +188,27 @@ class _Bearer(httpx2.Auth):
         yield request
 
 
+class _Pools(httpx2.AsyncBaseTransport):
+    """The process's connections to streamable-http servers: requests (POST, DELETE) in one pool, the
+    long-lived GET event streams of 2025-11-25 sessions in another. Each such session holds its GET stream
+    open until the session stops (``idle_timeout``), so with many forwarded users sharing one pool the
+    streams would take every connection and leave tool calls waiting for one."""
+
+    def __init__(self) -> None:
+        self._calls = httpx2.AsyncHTTPTransport(
+            limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30.0))
+        self._streams = httpx2.AsyncHTTPTransport(
+            limits=httpx2.Limits(max_connections=500, max_keepalive_connections=0))
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        pool = self._streams if request.method == "GET" else self._calls
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._calls.aclose()
+        await self._streams.aclose()
+
+
 class HttpLink:
     """One Streamable HTTP connection (one SDK client transport) as a session-pool ``Connection``.
 
@@ -282,6 +301,50 @@ def oauth_provider(server: StreamableHttpServer, environ: Mapping[str, str]) -> 
                                               issuer=oauth.issuer)
 
 
+class _SharedOAuth(httpx2.Auth):
+    """The SDK's OAuth provider, shared by every call of one server without serialising them.
+
+    SDK limitation worked around here: ``OAuthClientProvider`` holds its context lock across the whole
+    request (``async with self.context.lock: … response = yield request``), so concurrent calls through one
+    provider run one at a time until each answer's headers arrive (for a JSON-answering server: until the
+    tool finishes). While its token is valid, the request carries it without the lock; a 401 (or a 403
+    ``insufficient_scope``) hands the request to the provider's own flow, which discovers, fetches a new
+    token under its lock and re-sends. Upstream issue text: "OAuthClientProvider: do not hold
+    context.lock across the yielded request; take it only to read or renew the token".
+    """
+
+    def __init__(self, provider: httpx2.Auth) -> None:
+        self._provider = provider
+
+    async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
+        context = getattr(self._provider, "context", None)
+        if context is not None and context.is_token_valid():
+            request.headers["Authorization"] = f"Bearer {context.current_tokens.access_token}"
+            response = yield request
+            if response.status_code not in (401, 403):
+                return
+            await response.aread()
+        flow = self._provider.async_auth_flow(request)
+        try:
+            outgoing = await flow.__anext__()
+            while True:
+                incoming = yield outgoing
+                outgoing = await flow.asend(incoming)
+        except StopAsyncIteration:
+            return
+
+
+def _session_expired(exc: MCPError, probe: _Probe, protocol_version: str) -> bool:
+    """The server refused this request's ``Mcp-Session-Id`` (it restarted, or expired the session), so it never
+    dispatched it: a 404 answering the call's own request on a 2025-era session, as ``INVALID_REQUEST`` (the
+    SDK server's "Session not found", or the SDK client's "Session terminated" stand-in for a body-less 404).
+    On 2025-era sessions tool errors travel in the answer, not as HTTP statuses, so a 404 there is the
+    session's. 2026-07-28 has no sessions, and its servers answer METHOD_NOT_FOUND as a 404 (a tool may
+    raise it after doing work): never a reason to re-send."""
+    return (protocol_version not in MODERN_PROTOCOL_VERSIONS and probe.status == 404
+            and exc.code == types.INVALID_REQUEST)
+
+
 def client_mode(pin: str | None) -> str:
     """The SDK client's ``mode`` for a registry pin: negotiate (none), the handshake (a 2025-era revision), or
     speak exactly that revision (2026-07-28 and later)."""
@@ -290,20 +353,21 @@ def client_mode(pin: str | None) -> str:
     return pin if pin in MODERN_PROTOCOL_VERSIONS else "legacy"
 
 
-def identity_of(server: StreamableHttpServer, token: str | None) -> str:
-    """Whose session a call uses: ``service``, or for ``auth: forward`` the token's issuer and subject
-    (JWT payload, unverified: it only keeps users apart), a hash of an opaque token, or ``anonymous``."""
+def identity_of(server: StreamableHttpServer, token: str | None,
+                verify: Callable[[str], Mapping[str, Any]] | None = None) -> str:
+    """Whose session a call uses: ``service``; for ``auth: forward``, the token's issuer and subject when
+    ``verify`` (the worker's user-token verifier, ``SARK_AUTH_*``) accepts it, else the token's own SHA-256
+    (an unverified ``sub`` could be forged to join or disturb another user's session), or ``anonymous``."""
     if server.auth != "forward":
         return "service"
     if not token:
         return "anonymous"
-    parts = token.split(".")
-    if len(parts) == 3:
+    if verify is not None:
         try:
-            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        except (ValueError, binascii.Error, RecursionError):
-            claims = None
-        sub = claims.get("sub") if isinstance(claims, dict) else None
+            claims = verify(token)
+        except SarkError:
+            claims = {}
+        sub = claims.get("sub")
         if isinstance(sub, str) and sub:
             return "sub:" + json.dumps([claims.get("iss"), sub])
     return "token:" + hashlib.sha256(token.encode()).hexdigest()
@@ -340,7 +404,7 @@ class ServerSessions:
         auth: httpx2.Auth = self.auth
         if self.server.oauth is not None:
             if self._oauth is None:
-                self._oauth = oauth_provider(self.server, self._environ)
+                self._oauth = _SharedOAuth(oauth_provider(self.server, self._environ))
             auth = self._oauth
         return HttpLink(self.server, self._pool, headers=headers, auth=auth, limit=self._limit)
 
@@ -357,7 +421,7 @@ class ServerSessions:
         name = self.server.name
         if link.probe.token_status is not None:  # the authorization server refused the fleet's credentials
             return self._oauth_refused(link.probe.token_status)
-        if link.probe.status is not None and link.probe.status in (401, 403):
+        if link.probe.status is not None:  # the server answered the handshake with an error status
             return self._status_error(link.probe.status, "initialize")
         if link.failure is not None:
             return link.failure
@@ -366,8 +430,6 @@ class ServerSessions:
                                       f"{self.server.startup_timeout:g}s", {"server": name, "phase": "initialize"})
         if isinstance(exc, SarkError):
             return exc
-        if isinstance(exc, MCPError) and link.probe.status is not None:
-            return self._status_error(link.probe.status, "initialize")
         return ProtocolError(f"streamable-http server {name!r} failed the MCP handshake: {type(exc).__name__}",
                              {"server": name, "phase": "initialize"})
 
@@ -382,8 +444,13 @@ class ServerSessions:
         return status_error(status, f"streamable-http server {name!r} answered HTTP {status} to {what}",
                             {"server": name})
 
-    def _error(self, exc: MCPError, probe: _Probe, what: str) -> SarkError:
+    def _error(self, exc: MCPError, probe: _Probe, what: str, session: _Probe | None = None) -> SarkError:
+        """The error for ``exc``, from what this call's requests met (``probe``) and, for a connection that
+        ended, what the session's did (``session``: a token renewal another call made may have ended it)."""
         name = self.server.name
+        if (session is not None and session.token_status is not None and exc.code == types.CONNECTION_CLOSED
+                and probe.token_status is None):
+            return self._oauth_refused(session.token_status)
         if probe.too_large is not None:
             return ResultTooLarge(f"streamable-http server {name!r}: answer over {self._limit - _ENVELOPE} bytes",
                                   {"server": name, "what": "result", "limit": self._limit - _ENVELOPE,
@@ -437,14 +504,14 @@ class ServerSessions:
                                 tool, arguments, progress_callback=forwarder.on_progress if forwarder else None)
                         break
                     except MCPError as exc:
-                        if probe.status == 404 and attempt == 1:  # the server forgot the session: tool not reached
+                        if attempt == 1 and _session_expired(exc, probe, client.protocol_version):  # not dispatched
                             log.info("streamable-http server %s: session expired, starting a new one", name,
                                      extra={"streamable-http_server": name})
                             gen.retire("session expired")
                             continue
                         if probe.error is not None:  # an error status leaves the session usable
                             gen.retire("connection error")
-                        raise self._error(exc, probe, repr(tool)) from None
+                        raise self._error(exc, probe, repr(tool), gen.connection.probe) from None
                     finally:
                         _probe.reset(reset)
                 if forwarder is not None:
@@ -471,21 +538,26 @@ class ServerSessions:
         name = self.server.name
         if token:
             self.auth.token = token  # the newest token of this identity (a session it starts sends it)
-        probe = _Probe(token=token)
         self.users += 1
         try:
             async with asyncio.timeout(timeout):
-                _, client = await self._sessions.session()
-                reset = _probe.set(probe)
-                try:
-                    return await list_every_tool(client, "streamable-http", name)
-                finally:
-                    _probe.reset(reset)
+                for attempt in (1, 2):
+                    gen, client = await self._sessions.session()
+                    probe = _Probe(token=token)
+                    reset = _probe.set(probe)
+                    try:
+                        return await list_every_tool(client, "streamable-http", name)
+                    except MCPError as exc:
+                        if attempt == 1 and _session_expired(exc, probe, client.protocol_version):
+                            gen.retire("session expired")
+                            continue
+                        raise self._error(exc, probe, "tools/list", gen.connection.probe) from None
+                    finally:
+                        _probe.reset(reset)
+                raise AssertionError("unreachable: the second attempt returns or raises")
         except TimeoutError:
             raise DiscoveryTimeout(f"streamable-http server {name!r}: tools/list not answered within {timeout:g}s",
                                    {"server": name}) from None
-        except MCPError as exc:
-            raise self._error(exc, probe, "tools/list") from None
         finally:
             self.users -= 1
 
@@ -514,23 +586,23 @@ class StreamableHttpTransport:
     name = _KIND
 
     def __init__(self, servers: list[StreamableHttpServer], *, max_result_bytes: int, list_timeout: float = 30.0,
-                 environ: Mapping[str, str]) -> None:
+                 environ: Mapping[str, str], verify: Callable[[str], Mapping[str, Any]] | None = None) -> None:
+        self._verify = verify
         self._servers = {s.name: s for s in servers}
         self._environ = dict(environ)
         self._max_result_bytes = max_result_bytes
         self._list_timeout = list_timeout
         self._sessions: dict[tuple[str, str], ServerSessions] = {}
-        self._pool: httpx2.AsyncHTTPTransport | None = None
+        self._pool: _Pools | None = None
 
-    def _shared_pool(self) -> httpx2.AsyncHTTPTransport:
+    def _shared_pool(self) -> _Pools:
         if self._pool is None:
-            self._pool = httpx2.AsyncHTTPTransport(
-                limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30.0))
+            self._pool = _Pools()
         return self._pool
 
     def sessions(self, server: StreamableHttpServer, token: str | None) -> ServerSessions:
         """The sessions of ``server`` for the identity ``token`` carries (created on first use)."""
-        key = (server.name, identity_of(server, token))
+        key = (server.name, identity_of(server, token, self._verify))
         found = self._sessions.get(key)
         if found is None or found.server != server:
             self._prune()
@@ -542,8 +614,8 @@ class StreamableHttpTransport:
     def _prune(self) -> None:
         """Forget the identities whose session stopped and that nobody uses (each forwarded user's token gets
         an entry: without this, one per user ever seen would stay for the worker's life)."""
-        for key in [key for key, sessions in self._sessions.items() if sessions.unused]:
-            del self._sessions[key]
+        for key in [key for key, sessions in self._sessions.items() if key[1] != "service" and sessions.unused]:
+            del self._sessions[key]  # the service identity stays: its OAuth token outlives its sessions
 
     async def open(self) -> None:
         """Nothing to open: sessions start on first use."""
@@ -577,6 +649,10 @@ class StreamableHttpTransport:
 
 def build(context: BuildContext) -> StreamableHttpTransport:
     """The ``streamable-http`` transport of one worker process (catalog factory)."""
+    from workers.authz import TokenVerifier
+
+    verifier = TokenVerifier(context.settings)
     return StreamableHttpTransport([s for s in context.servers(_KIND) if isinstance(s, StreamableHttpServer)],
                                    max_result_bytes=context.settings.max_result_bytes,
-                                   list_timeout=context.settings.invoke_timeout, environ=context.environ)
+                                   list_timeout=context.settings.invoke_timeout, environ=context.environ,
+                                   verify=verifier.claims if verifier.configured else None)
