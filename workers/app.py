@@ -248,6 +248,33 @@ def _remember_queues(instance: Any = None, **_: Any) -> None:
         runtime.worker_queues = frozenset(consumed)
 
 
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # Connected before _start_main_runtime: recording is on before the runtime starts its first session.
+    # Served by the process that runs the tasks: the worker itself with the threads (default) or solo pool.
+    # Prefork children would each need the port (prometheus_client's multiprocess mode): not supported.
+    settings = get_settings()
+    if not settings.metrics_port:
+        return
+    if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
+        log.warning("metrics are not served with the prefork pool (use the threads pool, the default): "
+                    "SARK_METRICS_PORT is ignored")
+        return
+    from workers import metrics
+
+    if metrics.serve(settings.metrics_port, settings.metrics_address):
+        metrics.METRICS.watch_breakers(_breaker_states)
+
+
+def _breaker_states() -> list[tuple[str, str]]:
+    """(target, state) of every breaker this worker knows, read at a scrape (on the runtime's loop)."""
+    runtime = _current_runtime()
+    if runtime is None:
+        return []
+    statuses = runtime.loop.run(runtime.breakers.status(), timeout=2.0)
+    return [(status.target, status.state) for status in statuses]
+
+
 @worker_process_init.connect
 def _start_child_runtime(**_: Any) -> None:
     from workers.runtime import get_runtime
@@ -282,32 +309,6 @@ def _due_at(eta: object) -> float:
         except ValueError:
             pass
     return now
-
-
-@worker_ready.connect
-def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    # Served by the process that runs the tasks: the worker itself with the threads (default) or solo pool.
-    # Prefork children would each need the port (prometheus_client's multiprocess mode): not supported.
-    settings = get_settings()
-    if not settings.metrics_port:
-        return
-    if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
-        log.warning("metrics are not served with the prefork pool (use the threads pool, the default): "
-                    "SARK_METRICS_PORT is ignored")
-        return
-    from workers import metrics
-
-    if metrics.serve(settings.metrics_port, settings.metrics_address):
-        metrics.METRICS.watch_breakers(_breaker_states)
-
-
-def _breaker_states() -> list[tuple[str, str]]:
-    """(target, state) of every breaker this worker knows, read at a scrape (on the runtime's loop)."""
-    runtime = _current_runtime()
-    if runtime is None:
-        return []
-    statuses = runtime.loop.run(runtime.breakers.status(), timeout=2.0)
-    return [(status.target, status.state) for status in statuses]
 
 
 @control_command(args=[("request_id", str)], signature="<request_id>")

@@ -4,8 +4,9 @@ Every metric lives in one private :class:`~prometheus_client.CollectorRegistry` 
 library must not fill the default registry of the app that imports it, and tests build their own
 :class:`Metrics`. There is one set per process, like the runtime: the hooks are called from modules that
 hold no reference to the runtime (the session pools of the transports), and prometheus_client's own
-metrics are process-wide objects anyway. Recording is always on (an increment is about a microsecond,
-against milliseconds per invocation: ``bench/metrics_bench.py``); only serving depends on the settings.
+metrics are process-wide objects anyway. :data:`METRICS` records nothing until :func:`serve` runs (a worker
+with ``SARK_METRICS_PORT`` set): every hook returns at once before that, so a worker without metrics runs the
+code it ran before they existed (``bench/metrics_bench.py`` measures both in one run).
 
 Metrics (labels in braces)::
 
@@ -113,6 +114,8 @@ class InvocationLabels:
     tool: str | None = None
     transport: str = UNKNOWN
     started: float = field(default_factory=time.perf_counter)
+    #: Counted in flight at its start (metrics were on): :meth:`Metrics.invocation_ended` records it.
+    counted: bool = False
 
 
 class _BreakerCollector(Collector):
@@ -144,9 +147,16 @@ class _BreakerCollector(Collector):
 
 
 class Metrics:
-    """The metrics of one process, in their own registry (``registry``: a fresh one by default)."""
+    """The metrics of one process, in their own registry (``registry``: a fresh one by default).
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, max_tools: int = MAX_TOOLS_PER_SERVER) -> None:
+    Args:
+        enabled: Record (False: every hook returns at once; :func:`serve` turns :data:`METRICS` on).
+        max_tools: Tool names kept as labels per server.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, enabled: bool = True,
+                 max_tools: int = MAX_TOOLS_PER_SERVER) -> None:
+        self.enabled = enabled
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.invocations = Counter("sark_invocations", "Invocations ended, by outcome (ok, is_error or the "
@@ -185,7 +195,7 @@ class Metrics:
 
     def admit_tools(self, server: str, tools: Iterable[str]) -> None:
         """``server`` (a registry name) has ``tools``: they become label values, up to the bound."""
-        if server == UNKNOWN:
+        if server == UNKNOWN or not self.enabled:
             return
         known = self._tools.setdefault(server, set())
         for tool in tools:
@@ -202,11 +212,16 @@ class Metrics:
     # --- hooks ----------------------------------------------------------------------------------------
     def invocation_started(self) -> InvocationLabels:
         """An invocation starts in this process: fill the labels in, then :meth:`invocation_ended`."""
-        self.in_flight.inc()
-        return InvocationLabels()
+        labels = InvocationLabels()
+        if self.enabled:
+            labels.counted = True
+            self.in_flight.inc()
+        return labels
 
     def invocation_ended(self, labels: InvocationLabels, outcome: str) -> None:
         """Count the invocation under ``outcome`` and observe its duration."""
+        if not labels.counted:
+            return
         self.in_flight.dec()
         if outcome == "ok" and labels.tool is not None:
             known = self._tools.get(labels.server)
@@ -228,6 +243,8 @@ class Metrics:
     def queue_waited(self, enqueued_at: object, queue: object, now: float | None = None) -> None:
         """Observe ``now - enqueued_at`` (clamped at 0: clocks differ between hosts) for a message that
         carried the ``sark_enqueued_at`` header; nothing when it did not (plain Celery apps)."""
+        if not self.enabled:
+            return
         if isinstance(enqueued_at, bool) or not isinstance(enqueued_at, int | float) or not math.isfinite(enqueued_at):
             return
         waited = max(0.0, (time.time() if now is None else now) - float(enqueued_at))
@@ -235,15 +252,19 @@ class Metrics:
 
     def session_started(self, transport: str, server: str) -> None:
         """A session (generation) of ``server`` starts."""
-        self.session_starts.labels(self._transport(transport), server).inc()
+        if self.enabled:
+            self.session_starts.labels(self._transport(transport), server).inc()
 
     def session_failed(self, transport: str, server: str) -> None:
         """A session of ``server`` failed to start or died."""
-        self.session_failures.labels(self._transport(transport), server).inc()
+        if self.enabled:
+            self.session_failures.labels(self._transport(transport), server).inc()
 
     def counting_chunks(self, sink: Callable[[T], Awaitable[None]], server: str,
                         transport: str) -> Callable[[T], Awaitable[None]]:
-        """``sink`` counting each chunk it accepted."""
+        """``sink`` counting each chunk it accepted (``sink`` itself when metrics are off)."""
+        if not self.enabled:
+            return sink
         child = self.stream_chunks.labels(server, self._transport(transport))
 
         async def counted(chunk: T) -> None:
@@ -261,15 +282,15 @@ class Metrics:
         return {metric.name for metric in self.registry.collect()}
 
 
-#: The metrics of this process.
-METRICS = Metrics()
+#: The metrics of this process (off until :func:`serve`).
+METRICS = Metrics(enabled=False)
 
 _served: tuple[object, threading.Thread] | None = None
 
 
 def serve(port: int, address: str, metrics: Metrics = METRICS) -> bool:
-    """Serve ``/metrics`` on ``address:port`` in a daemon thread (once per process); False when the port
-    cannot be bound (logged: the worker carries on without metrics rather than not at all)."""
+    """Serve ``/metrics`` on ``address:port`` in a daemon thread (once per process) and start recording;
+    False when the port cannot be bound (logged: the worker carries on without metrics rather than not at all)."""
     global _served
     if _served is not None:
         return True
@@ -278,6 +299,7 @@ def serve(port: int, address: str, metrics: Metrics = METRICS) -> bool:
     except OSError as exc:
         log.error("metrics: cannot serve on %s:%d (%s); this worker exports no metrics", address, port, exc)
         return False
+    metrics.enabled = True
     log.info("metrics served on http://%s:%d/metrics", address, port, extra={"event": "metrics.serving"})
     return True
 

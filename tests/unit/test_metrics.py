@@ -203,3 +203,23 @@ def test_every_invoke_published_by_the_app_is_stamped_when_due() -> None:
     other: dict[str, object] = {}
     before_task_publish.send(sender=TASK_LIST_TOOLS, headers=other)
     assert other == {}
+
+
+def test_off_until_served_records_nothing() -> None:
+    metrics = Metrics(enabled=False)
+
+    async def sink(chunk: int) -> None:
+        return None
+
+    assert metrics.counting_chunks(sink, "echo-stream", "sse") is sink  # no wrapper on the chunk path
+    labels = metrics.invocation_started()
+    metrics.enabled = True  # turned on mid-invocation: that invocation was not counted in flight, nor is it now
+    metrics.invocation_ended(labels, "ok")
+    metrics.enabled = False
+    metrics.queue_waited(1.0, "sark.http")
+    metrics.session_started("stdio", "time")
+    metrics.admit_tools("echo", ["add"])
+    text = _scrape(metrics)
+    assert "sark_invocations_in_flight 0.0" in text
+    assert not re.search(r"^sark_(invocations_total|queue_wait_seconds_count|session_starts_total)\{", text, re.M)
+    assert metrics.tool_label("echo", "add") == OTHER
