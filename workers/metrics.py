@@ -46,7 +46,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -176,12 +184,16 @@ class Metrics:
                                      ["server", "transport"], registry=r)
         self.breakers = _BreakerCollector()
         r.register(self.breakers)
+        # The worker process itself (CPU, memory, open files; the Python version), as the default registry has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self._max_tools = max_tools
         self._tools: dict[str, set[str]] = {}
         self._tools_warned: set[str] = set()
         self._transport = _Bounded("transport")
         self._outcome = _Bounded("outcome")
         self._queue = _Bounded("queue")
+        self._waits: dict[str, Histogram] = {}
         # Children by label values: a dict lookup instead of prometheus_client's lock in .labels() per call.
         self._ended: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
 
@@ -248,7 +260,13 @@ class Metrics:
         if isinstance(enqueued_at, bool) or not isinstance(enqueued_at, int | float) or not math.isfinite(enqueued_at):
             return
         waited = max(0.0, (time.time() if now is None else now) - float(enqueued_at))
-        self.queue_wait.labels(self._queue(queue if isinstance(queue, str) else UNKNOWN)).observe(waited)
+        name = queue if isinstance(queue, str) else UNKNOWN
+        child = self._waits.get(name)
+        if child is None:
+            child = self.queue_wait.labels(self._queue(name))
+            if len(self._waits) < _MAX_VALUES:
+                self._waits[name] = child
+        child.observe(waited)
 
     def session_started(self, transport: str, server: str) -> None:
         """A session (generation) of ``server`` starts."""
