@@ -225,3 +225,25 @@ def test_off_until_served_records_nothing() -> None:
     assert "sark_invocations_in_flight 0.0" in text
     assert not re.search(r"^sark_(invocations_total|queue_wait_seconds_count|session_starts_total)\{", text, re.M)
     assert metrics.tool_label("echo", "add") == OTHER
+
+
+def test_serving_turns_recording_on_and_a_taken_port_is_only_logged(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    import httpx
+
+    from devkit.stack import free_port
+    from workers.metrics import serve
+
+    metrics = Metrics(enabled=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve(taken.getsockname()[1], "127.0.0.1", metrics) is False
+    assert not metrics.enabled and "exports no metrics" in caplog.text
+    port = free_port()
+    assert serve(port, "127.0.0.1", metrics) is True
+    assert metrics.enabled
+    metrics.queue_waited(1.0, "sark.http", now=1.5)
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'sark_queue_wait_seconds_count{queue="sark.http"} 1.0' in scraped
