@@ -53,6 +53,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -312,6 +313,9 @@ def serve(port: int, address: str, metrics: Metrics = METRICS) -> bool:
     global _served
     if _served is not None:
         return True
+    # No `*_created` series beside every counter and histogram (half the series; Prometheus does not read them
+    # by default). A process-wide switch of prometheus_client: this is the worker's own process.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client 0.26
     try:
         _served = start_http_server(port, addr=address, registry=metrics.registry)
     except OSError as exc:
