@@ -106,6 +106,7 @@ def test_a_scrape_shows_what_the_worker_did_and_nothing_secret(metrics_url: str,
     assert ("sark_breaker_state", frozenset({("target", "gateway:echo")})) in after
     assert _value(after, "sark_breaker_state", target="gateway:echo") == 0  # closed
 
+    assert "_created" not in text  # half the series, unread by Prometheus by default
     assert CANARY not in text  # no argument value, no invented server or tool name
     assert user_token not in text and user_token.split(".")[1] not in text
     assert "no-such-server" not in text and "nope-" not in text
