@@ -14,7 +14,8 @@ from typing import Any
 
 from bench.common import RESULTS
 
-PARTS = ["bench_http", "stdio_bench", "streamable_http_bench", "stream_bench", "breaker_bench", "bench_scaling"]
+PARTS = ["bench_http", "stdio_bench", "streamable_http_bench", "stream_bench", "breaker_bench", "bench_scaling",
+         "metrics_bench"]
 
 
 def _load(name: str) -> Any:
@@ -81,6 +82,12 @@ def targets(results: dict[str, Any]) -> list[Row]:
         added = round(on["p95"] - off["p95"], 3)
         rows.append(_row("breaker on vs off, p95 (ms)", f"{on['p95']:.3f}", f"{off['p95']:.3f} breaker off",
                          added, "<= +0.3 ms", added <= 0.3))
+    metrics = results.get("metrics")
+    if metrics:
+        on, off = metrics["on_ms"], metrics["off_ms"]
+        r = metrics["p95_ratio"]
+        rows.append(_row("HTTP round trip p95, metrics on (ms)", f"{on['p95']:.2f} (p50 {on['p50']:.2f})",
+                         f"{off['p95']:.2f} metrics off (p50 {off['p50']:.2f})", r, "<= 1.05x", r <= 1.05))
     if scaling:
         r = scaling["scaling_ratio"]
         rows.append(_row("50 ms tool, 2 workers vs 1 (/s)", f"{scaling['two_workers_per_s']:.1f}",
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:  # one broken part must not hide the others' figures
             failed.append(f"{part}: exit {done.returncode}")
             print(f"!! {part} failed (exit {done.returncode})", flush=True)
-    names = ("http", "stdio", "streamable_http", "stream_bench", "breaker", "scaling")
+    names = ("http", "stdio", "streamable_http", "stream_bench", "breaker", "scaling", "metrics")
     summary: dict[str, Any] = {name: _load(name) for name in names}
     summary["targets"] = targets(summary)
     print("\n" + format_targets(summary["targets"]))

@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     log_json: bool = Field(default=True, description="JSON log lines with task/request ids, secrets redacted; "
                            "false = plain text")
 
+    # --- metrics (workers/metrics.py) -----------------------------------------------------------
+    metrics_port: int = Field(default=0, ge=0, le=65_535, description="port of the worker's Prometheus "
+                              "`/metrics` (threads/solo pool); 0 = not served")
+    metrics_address: str = Field(default="127.0.0.1", description="address `/metrics` listens on (`0.0.0.0`: "
+                                 "every interface, e.g. in a container)")
+
     @field_validator("token_key", "operator_key", "gateway_api_key", "auth_hs256_secret", "auth_public_key",
                      "auth_jwks_path", mode="before")
     @classmethod

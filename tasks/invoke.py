@@ -18,6 +18,7 @@ from workers.app import app
 from workers.authz import authorize
 from workers.breaker.board import breaker_command
 from workers.contract import (
+    ENQUEUED_HEADER,
     OPERATOR_HEADER,
     TASK_BREAKERS,
     TASK_GET_SERVER,
@@ -43,6 +44,7 @@ from workers.errors import (
 )
 from workers.invoker import execute, open_call_token
 from workers.leases import TAKEN_HEADER, max_waits, taken_lease
+from workers.metrics import METRICS
 from workers.models import GatewayToolInfo
 from workers.runtime import Runtime, current_runtime, get_runtime
 from workers.scrub import call_secrets, scrub_error
@@ -169,6 +171,7 @@ def _release_after_outcome(task: Task, status: str, retval: Any, task_id: str, a
 @app.task(name=TASK_INVOKE, bind=True, throws=(SarkError,), after_return=_release_after_outcome)
 def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     """Carry out one MCP tool invocation; returns InvocationResult JSON or raises a SarkError."""
+    METRICS.queue_waited(_header(self, ENQUEUED_HEADER), _arrived_on(self))
     runtime = get_runtime()
     runtime.serve_queue(_arrived_on(self))
     s = runtime.settings
@@ -275,6 +278,7 @@ def list_tools(self: Task, server: str | None = None) -> list[dict[str, Any]]:
             authorize(entry.name, entry.policy, token, runtime.verifier, runtime.settings)
         transport = _transport(self, runtime, listing_transport(entry))
         tools = _run(runtime, _listing(transport, entry, token), _discovery_wait(runtime))
+        METRICS.admit_tools(entry.name, (t.tool_name for t in tools))  # listed: label values (workers/metrics.py)
     return [t.model_dump(mode="json") for t in tools]
 
 

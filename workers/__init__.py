@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENQUEUED_HEADER",
     "OPERATOR_HEADER",
     "TASK_BREAKERS",
     "TASK_GET_SERVER",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 from workers.contract import (
+    ENQUEUED_HEADER,
     OPERATOR_HEADER,
     TASK_BREAKERS,
     TASK_GET_SERVER,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import (
+    before_task_publish,
     celeryd_after_setup,
     setup_logging,
     worker_init,
@@ -26,7 +28,7 @@ from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
 from config.transports import UnknownTransport, catalog, default_transport, listing_transport
 from workers.broker import broker_transport
-from workers.contract import TASK_INVOKE, TASK_LIST_TOOLS
+from workers.contract import ENQUEUED_HEADER, TASK_INVOKE, TASK_LIST_TOOLS
 from workers.leases import taken_with_messages
 from workers.logs import configure_logging
 
@@ -246,6 +248,33 @@ def _remember_queues(instance: Any = None, **_: Any) -> None:
         runtime.worker_queues = frozenset(consumed)
 
 
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # Connected before _start_main_runtime: recording is on before the runtime starts its first session.
+    # Served by the process that runs the tasks: the worker itself with the threads (default) or solo pool.
+    # Prefork children would each need the port (prometheus_client's multiprocess mode): not supported.
+    settings = get_settings()
+    if not settings.metrics_port:
+        return
+    if type(getattr(sender, "pool", None)).__module__.endswith("prefork"):
+        log.warning("metrics are not served with the prefork pool (use the threads pool, the default): "
+                    "SARK_METRICS_PORT is ignored")
+        return
+    from workers import metrics
+
+    if metrics.serve(settings.metrics_port, settings.metrics_address):
+        metrics.METRICS.watch_breakers(_breaker_states)
+
+
+def _breaker_states() -> list[tuple[str, str]]:
+    """(target, state) of every breaker this worker knows, read at a scrape (on the runtime's loop)."""
+    runtime = _current_runtime()
+    if runtime is None:
+        return []
+    statuses = runtime.loop.run(runtime.breakers.status(), timeout=2.0)
+    return [(status.target, status.state) for status in statuses]
+
+
 @worker_process_init.connect
 def _start_child_runtime(**_: Any) -> None:
     from workers.runtime import get_runtime
@@ -261,6 +290,25 @@ def _start_main_runtime(sender: Any = None, **_: Any) -> None:
         from workers.runtime import get_runtime
 
         get_runtime()
+
+
+@before_task_publish.connect(sender=TASK_INVOKE)
+def _stamp_enqueued_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # Every sark.invoke published by an app of this module (SarkClient, the CLI, send_task, a worker's re-queue)
+    # says when it became due: the worker's queue-wait metric. Re-published messages get a fresh stamp.
+    if headers is not None:
+        headers[ENQUEUED_HEADER] = _due_at(headers.get("eta"))
+
+
+def _due_at(eta: object) -> float:
+    """Now, or the message's ETA (a re-queue with a countdown) when later, in epoch seconds."""
+    now = time.time()
+    if isinstance(eta, str):
+        try:
+            return max(now, datetime.fromisoformat(eta).timestamp())
+        except ValueError:
+            pass
+    return now
 
 
 @control_command(args=[("request_id", str)], signature="<request_id>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "ENQUEUED_HEADER",
     "OPERATOR_HEADER",
     "TASK_BREAKERS",
     "TASK_GET_SERVER",
@@ -34,3 +35,8 @@ TOKEN_HEADER: Final = "sark_token"
 #: Message header signing an operator-only request (``sark.breakers`` reset): hex HMAC-SHA256 with
 #: ``SARK_OPERATOR_KEY`` over ``"<task id>|<action>|<target>"`` (see :func:`workers.tokens.operator_signature`).
 OPERATOR_HEADER: Final = "sark_operator"
+
+#: Message header stamped on every ``sark.invoke`` an app built from :mod:`workers.app` publishes: epoch seconds
+#: when the message became due (published, or its ETA if later). The worker observes start - this as
+#: ``sark_queue_wait_seconds``; an app that does not set it gets no queue-wait figure, nothing else changes.
+ENQUEUED_HEADER: Final = "sark_enqueued_at"

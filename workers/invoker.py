@@ -26,6 +26,7 @@ from workers.errors import (
     SarkError,
     UnknownServer,
 )
+from workers.metrics import METRICS, InvocationLabels
 from workers.models import (
     Invocation,
     InvocationResult,
@@ -116,6 +117,50 @@ async def execute(
     previous: StoredResult | None = None,
     forwardable: bool = True,
 ) -> InvocationResult:
+    """Carry out one enqueued invocation and return its validated result (see :func:`_carry_out`); its
+    outcome, duration and labels go to the process's metrics (:mod:`workers.metrics`)."""
+    labels = METRICS.invocation_started()
+    outcome = "internal_error"
+    try:
+        result = await _carry_out(runtime, raw, labels, token_header=token_header, request_id=request_id,
+                                  lease=lease, taken_attempt=taken_attempt, taken_fresh=taken_fresh,
+                                  previous=previous, forwardable=forwardable)
+        outcome = "is_error" if result.is_error else "ok"
+        if labels.tool is None:  # a stored result of an earlier start: label it as that start was
+            _label(labels, runtime, result.server, result.tool, result.transport)
+        return result
+    except SarkError as exc:
+        outcome = exc.code
+        raise
+    except asyncio.CancelledError:
+        outcome = Cancelled.code
+        raise
+    finally:
+        METRICS.invocation_ended(labels, outcome)
+
+
+def _label(labels: InvocationLabels, runtime: Runtime, server: str, tool: str, transport: str) -> None:
+    """Fill ``labels`` in: the server's name only if the registry has it (a caller's bogus name is not a label)."""
+    entry = runtime.registry.get(server)
+    if entry is not None:
+        labels.server = entry.name
+        labels.transport = transport
+    labels.tool = tool
+
+
+async def _carry_out(
+    runtime: Runtime,
+    raw: object,
+    labels: InvocationLabels,
+    *,
+    token_header: object,
+    request_id: str,
+    lease: str,
+    taken_attempt: int | None,
+    taken_fresh: bool,
+    previous: StoredResult | None,
+    forwardable: bool,
+) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
 
     First of all, the invocation's lease is taken for the holder token ``lease``
@@ -172,7 +217,7 @@ async def execute(
                 await publisher.open()
             token = open_call_token(s, token_header, request_id, raw)
             scope.enter_context(call_secrets(token))
-            result = await _execute(runtime, raw, token=token, request_id=request_id, attempt=attempt,
+            result = await _execute(runtime, raw, labels, token=token, request_id=request_id, attempt=attempt,
                                     publisher=publisher)
         except SarkError as exc:
             error = scrub_error(exc)
@@ -233,6 +278,7 @@ async def _end_stream(publisher: StreamPublisher, error: SarkError) -> None:
 async def _execute(
     runtime: Runtime,
     raw: object,
+    labels: InvocationLabels,
     *,
     token: str | None,
     request_id: str,
@@ -241,13 +287,18 @@ async def _execute(
 ) -> InvocationResult:
     settings = runtime.settings
     invocation = parse_invocation(raw, max_argument_bytes=settings.max_argument_bytes)
+    entry = runtime.registry.get(invocation.server)
+    labels.tool = invocation.tool
+    if entry is not None:
+        labels.server = entry.name
     check_not_expired(token, leeway=settings.token_leeway)
-    server, transport_name = resolve(invocation, runtime.registry.get(invocation.server))
+    server, transport_name = resolve(invocation, entry)
+    labels.transport = transport_name
     timeout = resolve_timeout(invocation, server, settings)
     if server.policy is not None:
         authorize(server.name, server.policy, token, runtime.verifier, settings)
     transport = runtime.transport(transport_name)
-    sink = publisher.sink if publisher is not None else None
+    sink = METRICS.counting_chunks(publisher.sink, server.name, transport_name) if publisher is not None else None
     call = Call(server=server, invocation=invocation, request_id=request_id, timeout=timeout, token=token, sink=sink)
     # A timeout shorter than the operator's for this server is the caller's choice: when it runs out,
     # that says nothing about the target, and must not count against its fleet-wide breaker.

@@ -112,3 +112,13 @@ def test_the_example_mcp_server_is_the_registrys() -> None:
     assert isinstance(entry, StreamableHttpServer)
     raw = (ROOT / "config" / "servers.yaml").read_text()
     assert "${EXAMPLE_MCP_URL:-" in raw
+
+
+def test_workers_serve_metrics_on_the_compose_network() -> None:
+    workers = {name: s for name, s in _services().items() if name.startswith("worker-")}
+    assert workers
+    for name, service in workers.items():
+        env = service.get("environment") or {}
+        settings = Settings(metrics_port=env["SARK_METRICS_PORT"], metrics_address=env["SARK_METRICS_ADDRESS"])
+        assert settings.metrics_port > 0 and settings.metrics_address == "0.0.0.0", name
+        assert not service.get("ports"), f"{name} publishes a port: metrics stay on the compose network"

@@ -15,7 +15,7 @@ from workers.models import Chunk, parse_invocation
 
 PUBLIC_API = {
     "TASK_BREAKERS", "TASK_GET_SERVER", "TASK_HEALTH", "TASK_INVOKE", "TASK_LIST_SERVERS", "TASK_LIST_TOOLS",
-    "TOKEN_HEADER", "OPERATOR_HEADER", "AlreadyRunning", "AsyncSarkClient", "AuthenticationFailed",
+    "TOKEN_HEADER", "OPERATOR_HEADER", "ENQUEUED_HEADER", "AlreadyRunning", "AsyncSarkClient", "AuthenticationFailed",
     "AuthorizationDenied", "Cancelled", "Chunk", "CircuitOpen", "DiscoveryTimeout", "ResultTooLarge",
     "GatewayServerInfo", "GatewayToolInfo", "GatewayUnavailable", "ServerUnavailable", "InternalError",
     "InvalidInvocation",
@@ -37,6 +37,7 @@ def test_task_names_are_stable() -> None:
     assert (workers.TASK_INVOKE, workers.TASK_LIST_SERVERS, workers.TASK_LIST_TOOLS, workers.TASK_HEALTH) == (
         "sark.invoke", "sark.list_servers", "sark.list_tools", "sark.health")
     assert workers.TOKEN_HEADER == "sark_token"
+    assert workers.ENQUEUED_HEADER == "sark_enqueued_at"
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from mcp.client.caching import CacheConfig
 from mcp.shared.exceptions import MCPError
 
 from workers.errors import SarkError, ServerCrashed
+from workers.metrics import METRICS
 
 if TYPE_CHECKING:
     from mcp.client._transport import TransportStreams  # the SDK exports no public name for the pair
@@ -244,6 +245,7 @@ class SessionPool(Generic[C]):
                 if gen.retiring:
                     return  # the outer finally fails the callers waiting for it (stopped before it was ready)
             started = time.perf_counter()
+            METRICS.session_started(self._kind, name)
             cache = CacheConfig() if self.settings.response_cache else None  # honours the server's hints only
             client = Client(gen.connection, mode=self.settings.mode, cache=cache, client_info=_CLIENT_INFO)
             entered = False
@@ -322,6 +324,7 @@ class SessionPool(Generic[C]):
             dead.cancel()
 
     def _failed(self) -> None:
+        METRICS.session_failed(self._kind, self.name)
         self._failures += 1
         self._retry_at = time.monotonic() + min(_BACKOFF_BASE * 2 ** (self._failures - 1), _BACKOFF_MAX)
 
