@@ -39,6 +39,8 @@ from workers.client import SarkClient
 from workers.errors import ToolError
 
 QUEUE_HTTP = "sark.traced"
+QUEUE_SSE = "sark.traced-sse"
+QUEUE_STDIO = "sark.traced-stdio"
 MCP_QUEUE = "sark.streamable-http"
 
 
@@ -132,16 +134,19 @@ def traced_env(stack: DevStack, receiver: Receiver, mcp_server: str,
     registry.write_text(f"""
 servers:
   echo: {{transport: http}}
+  echo-stream: {{transport: sse, server_id: echo}}
   traced-mcp: {{transport: streamable-http, url: "{mcp_server}", timeout: 10}}
+  traced-stdio: {{transport: stdio, command: "{{python}}", args: ["tests/fixtures/mcp_fixture_server.py"]}}
 """)
-    return {"SARK_REGISTRY_PATH": str(registry), "SARK_QUEUE_HTTP": QUEUE_HTTP}
+    return {"SARK_REGISTRY_PATH": str(registry), "SARK_QUEUE_HTTP": QUEUE_HTTP, "SARK_QUEUE_SSE": QUEUE_SSE,
+            "SARK_QUEUE_STDIO": QUEUE_STDIO}
 
 
 @pytest.fixture(scope="module")
 def traced_worker(stack: DevStack, traced_env: dict[str, str], receiver: Receiver) -> Iterator[Proc]:
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    with stack.running_worker("traced", env={**traced_env, **otel}, queues=f"{QUEUE_HTTP},{MCP_QUEUE}",
-                              concurrency=2) as proc:
+    queues = ",".join((QUEUE_HTTP, QUEUE_SSE, QUEUE_STDIO, MCP_QUEUE))
+    with stack.running_worker("traced", env={**traced_env, **otel}, queues=queues, concurrency=2) as proc:
         yield proc
 
 
@@ -248,6 +253,58 @@ def test_mcp_servers_get_the_trace_in_meta(client: SarkClient, receiver: Receive
     assert call.parent_id == invoke.span_id and sent.parent_id == call.span_id
     assert invoke.attributes["sark.transport"] == "streamable-http"
     assert _names(seen["traceparent"], trace_id, sent.span_id)
+
+
+def test_a_streamed_invocation_carries_the_trace_to_the_gateway(client: SarkClient, receiver: Receiver,
+                                                               user_token: str,
+                                                               gateway_control: GatewayControl) -> None:
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("client request") as root:
+        handle = client.invoke("echo-stream", "stream_data", {"count": 3}, token=user_token, stream=True)
+        trace_id = format(root.get_span_context().trace_id, "032x")
+    assert [chunk.seq for chunk in handle.stream()] == [0, 1, 2]
+
+    spans = _spans(receiver, trace_id, "sark.invoke echo-stream.stream_data", "gateway POST /invoke")
+    invoke, post = spans["sark.invoke echo-stream.stream_data"], spans["gateway POST /invoke"]
+    assert invoke.attributes["sark.transport"] == "sse" and post.parent_id == invoke.span_id
+    assert post.attributes["sark.stream"] is True and post.attributes["sark.stream.resume"] is False
+    seen = [h for h in gateway_control.stats()["headers"] if h.get("x-request-id") == handle.id]
+    assert seen and _names(seen[-1]["traceparent"], trace_id, post.span_id)
+    _no_secret_in(receiver.of_trace(trace_id), user_token, "Bearer")
+
+
+def test_stdio_servers_get_the_trace_in_meta(client: SarkClient, receiver: Receiver) -> None:
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("client request") as root:
+        handle = client.invoke("traced-stdio", "trace_meta", {})
+        trace_id = format(root.get_span_context().trace_id, "032x")
+    seen = handle.result(timeout=30).result["structuredContent"]
+
+    spans = _spans(receiver, trace_id, "sark.invoke traced-stdio.trace_meta", "mcp tools/call",
+                   "MCP send tools/call trace_meta")
+    call, sent = spans["mcp tools/call"], spans["MCP send tools/call trace_meta"]
+    assert call.parent_id == spans["sark.invoke traced-stdio.trace_meta"].span_id and sent.parent_id == call.span_id
+    assert call.attributes["sark.transport"] == "stdio"
+    assert _names(seen["traceparent"], trace_id, sent.span_id)
+
+
+def test_a_prefork_worker_traces_too(stack: DevStack, traced_env: dict[str, str], receiver: Receiver,
+                                     client: SarkClient, user_token: str) -> None:
+    # Tasks run in forked children: the provider set up before the fork exports from each child.
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env = {**traced_env, "SARK_QUEUE_HTTP": "sark.traced-prefork", **otel}
+    with stack.running_worker("traced-prefork", env=env, queues="sark.traced-prefork", pool="prefork",
+                              concurrency=1):
+        sark = SarkClient(settings_with(env))
+        try:
+            with trace.get_tracer("test").start_as_current_span("client request") as root:
+                handle = sark.invoke("echo", "add", {"a": 1, "b": 2}, token=user_token)
+                trace_id = format(root.get_span_context().trace_id, "032x")
+            handle.result(timeout=30)
+        finally:
+            sark.close()
+        spans = _spans(receiver, trace_id, "run/sark.invoke", "sark.invoke echo.add", "gateway POST /invoke")
+    assert spans["sark.invoke echo.add"].parent_id == spans["run/sark.invoke"].span_id
 
 
 def test_the_worker_flushes_its_spans_when_it_stops(stack: DevStack, traced_env: dict[str, str],
