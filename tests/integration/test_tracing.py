@@ -30,6 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 
 from devkit.stack import DevStack, Proc, wait_for
 from tests.conftest import GatewayControl
@@ -103,6 +104,19 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Switch(Sampler):
+    """Samples every span while ``on``, none after."""
+
+    on = True
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if self.on else Decision.DROP, attributes)
+
+    def get_description(self) -> str:
+        return "test switch"
+
+
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(Receiver("")))
@@ -152,20 +166,24 @@ def traced_worker(stack: DevStack, traced_env: dict[str, str], receiver: Receive
 
 @pytest.fixture(scope="module")
 def client(traced_env: dict[str, str], receiver: Receiver, traced_worker: Proc) -> Iterator[SarkClient]:
-    """A client with tracing on: this process's own provider (set once per process), then SarkClient adds
-    Celery's instrumentation as for any app. Undone after the module, so no other test is traced."""
+    """A client with tracing on: this process's own provider, then SarkClient adds Celery's instrumentation as
+    for any app. Undone after the module, so no other test is traced: the instrumentation is removed and the
+    provider (a process can set one only once) samples nothing from then on."""
     mp = pytest.MonkeyPatch()
     mp.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
     mp.setattr(tracing, "active", False)  # restored to off afterwards
-    provider = TracerProvider(resource=Resource.create({"service.name": "test-client"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces")))
+    switch = _Switch()
+    provider = TracerProvider(resource=Resource.create({"service.name": "test-client"}), sampler=switch)
+    exporter = SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces"))
+    provider.add_span_processor(exporter)
     trace.set_tracer_provider(provider)
+    assert trace.get_tracer_provider() is provider, "another test set a provider first"
     sark = SarkClient(settings_with(traced_env))
     assert tracing.active
     yield sark
     sark.close()
     CeleryInstrumentor().uninstrument()
-    provider.shutdown()
+    switch.on = False  # (the provider shuts its exporter down at exit)
     mp.undo()
 
 
