@@ -6,7 +6,8 @@ One Redis and Gateway; four workers, each on its own queue, measured one call at
 - ``bare POST``: a bare Celery task that POSTs to the Gateway (the HTTP bench's floor);
 - ``before``: ``sark.invoke`` by the code of ``--base`` (a checkout from before tracing; skipped without);
 - ``off``: this tree, no ``OTEL_*`` variable;
-- ``on``: this tree, exporting every span (OTLP/HTTP) to a receiver in this process that answers 200.
+- ``on``: this tree, exporting every span (OTLP/HTTP) to a receiver in this process that answers 200;
+- ``off-2``: a second worker like ``off`` (``--control``): the A/A difference is what the noise alone makes.
 
 Run: ``.venv/bin/python -m bench.tracing_ab [--base DIR] [--n 300]`` (e.g. ``git archive <commit> | tar -x -C
 DIR`` for the checkout). Writes bench/results/tracing_ab.json.
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="a checkout of the code before tracing (the 'before' worker)")
     parser.add_argument("--n", type=int, default=300, help="sequential calls per figure")
     parser.add_argument("--concurrency", type=int, default=8, help="threads per worker")
+    parser.add_argument("--control", action="store_true", help="add a second tracing-off worker (A/A)")
     args = parser.parse_args(argv)
 
     from config.settings import Settings
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}"}
-    kinds = {"off": {}, "on": otel} | ({"before": {}} if args.base else {})
+    kinds = {"off": {}, "on": otel} | ({"before": {}} if args.base else {}) | ({"off-2": {}} if args.control else {})
     with DevStack() as stack:
         stack.start()
         stack.apply_env()
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if "before" in lat:
         rows.append(("tracing off vs before tracing", lat["off"], lat["before"]))
     rows.append(("tracing on vs off", lat["on"], lat["off"]))
+    if "off-2" in lat:
+        rows.append(("A/A: off-2 vs off (noise)", lat["off-2"], lat["off"]))
     print(table(rows))
     path = save("tracing_ab", {"latency_ms": lat, "ratio_p95": {what: ratio(m["p95"], f["p95"])
                                                                    for what, m, f in rows},
