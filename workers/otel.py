@@ -28,7 +28,7 @@ log = logging.getLogger("sark.tracing")
 _tracer = trace.get_tracer("sark-workers", __version__)
 #: The provider :func:`configure` installed (None when the process brought its own).
 _provider: Any = None
-#: Seconds :func:`flush` waits for the exporter at shutdown.
+#: Milliseconds :func:`flush` waits for the exporter at shutdown.
 _FLUSH_TIMEOUT_MS = 5_000
 
 

@@ -3,8 +3,8 @@
 **The rule for "on"** (:func:`enabled`, read once per process at :func:`setup`): tracing is on when
 
 - ``OTEL_SDK_DISABLED`` is not ``true`` (any case), and
-- ``OTEL_TRACES_EXPORTER`` is unset or ``otlp`` (the only exporter shipped; ``none`` or anything else: off),
-  and
+- ``OTEL_TRACES_EXPORTER`` is unset or names ``otlp`` (a comma-separated list may name others too, which are
+  not shipped and ignored; ``none`` or a list without ``otlp``: off), and
 - an OTLP endpoint is set: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``.
 
 With no ``OTEL_*`` variable at all it is off. When on, :mod:`workers.otel` sets up a ``TracerProvider``
@@ -12,10 +12,10 @@ exporting OTLP over HTTP/protobuf with a ``BatchSpanProcessor`` (the exporter re
 variables: endpoint, headers, timeout, compression; the sampler reads ``OTEL_TRACES_SAMPLER``), and Celery's
 instrumentation, which carries the trace from the enqueuing app into the worker in the message headers.
 
-**Free when off**: this module imports nothing but :mod:`os`; :mod:`workers.otel` (and with it the SDK, the
-exporter and the instrumentation) is imported only by :func:`setup` once the rule says on. Every hook on
-the invocation path checks the module flag :data:`active` first and hands back :data:`OFF`, one shared
-``nullcontext``: no span, no header, no dict built. (``tests/unit/test_tracing.py`` checks both.)
+**Free when off**: this module imports nothing but :mod:`os` and :mod:`contextlib`; :mod:`workers.otel` (and
+with it the SDK, the exporter and the instrumentation) is imported only by :func:`setup` once the rule says
+on. Every hook on the invocation path checks the module flag :data:`active` first and hands back :data:`OFF`,
+one shared ``nullcontext``: no span, no header, no dict built. (``tests/unit/test_tracing.py`` checks both.)
 
 Spans (:mod:`workers.otel`): ``sark.invoke <server>.<tool>`` per invocation, a child per transport call
 (``gateway POST /invoke``, ``mcp tools/call``), and the trace carried to the target: a ``traceparent``
@@ -50,8 +50,8 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
-    if exporter not in ("", "otlp"):
+    exporters = {name.strip() for name in env.get("OTEL_TRACES_EXPORTER", "").lower().split(",")} - {""}
+    if exporters and "otlp" not in exporters:
         return False
     return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
                 or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip())
