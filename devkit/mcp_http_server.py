@@ -2,9 +2,10 @@
 
 Tools: ``echo``, ``add``, ``progress`` (``count`` progress notifications), ``slow`` (sleeps ``seconds``),
 ``big`` (``size`` bytes of text), ``error`` (raises), ``whoami`` (the ``Mcp-Session-Id`` of the request and
-a per-session call counter). Options: ``--stateless`` (no sessions), ``--json`` (JSON answers instead of
-SSE), ``--token T`` (every request needs ``Authorization: Bearer T``, else 401), ``--events FILE`` (one
-line per tool start, end and cancellation: what the server saw), ``--legacy`` (2025-11-25 only:
+a per-session call counter), ``trace_meta`` (the ``traceparent``/``tracestate`` of the call's ``_meta``).
+Options: ``--stateless`` (no sessions), ``--json`` (JSON answers instead of SSE), ``--token T`` (every
+request needs ``Authorization: Bearer T``, else 401), ``--events FILE`` (one line per tool start, end and
+cancellation: what the server saw), ``--legacy`` (2025-11-25 only:
 ``initialize`` and ``Mcp-Session-Id``), ``--http-error TOOL=STATUS`` (that HTTP status for a call of
 ``TOOL``), ``--list-ttl MS`` (``tools/list`` answers carry that ``ttlMs`` cache hint; ``--events`` also
 notes ``rpc <method>`` per request naming its method); tool ``rpc_error`` answers a JSON-RPC error.
@@ -136,6 +137,12 @@ def build_app(*, stateless: bool = False, json_response: bool = False, token: st
         key = session or "none"
         calls[key] += 1
         return {"session": session, "calls": calls[key]}
+
+    @server.tool()
+    def trace_meta(ctx: Context) -> dict[str, Any]:
+        """The W3C trace context the call's ``_meta`` carried (``traceparent``, ``tracestate``; None: absent)."""
+        meta: Any = ctx.request_context.meta or {}
+        return {"traceparent": meta.get("traceparent"), "tracestate": meta.get("tracestate")}
 
     inner: App = server.streamable_http_app(stateless_http=stateless, json_response=json_response)
     app = inner if not http_errors else _failing(inner, http_errors)

@@ -114,7 +114,8 @@ class Proc:
         return self.popen.returncode
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Proc:
+def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None,
+           cwd: Path | None = None) -> Proc:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log_file = log_path.open("ab")
@@ -125,6 +126,7 @@ def _spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | N
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
+            cwd=cwd,
             start_new_session=True,
         )
     finally:
@@ -251,14 +253,16 @@ def start_worker(
     extra_args: list[str] | None = None,
     ready_timeout: float = 60.0,
     app: str = "workers.app",
+    cwd: Path | None = None,
 ) -> Proc:
-    """A real ``celery worker`` process (of ``app``); returns once it logged ``ready``."""
+    """A real ``celery worker`` process (of ``app``); returns once it logged ``ready``. ``cwd``: where it runs
+    (``python -m`` imports the code found there first: another checkout, for an A/B benchmark)."""
     argv = [
         sys.executable, "-m", "celery", "-A", app, "worker",
         "-Q", queues, "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h",
         "-l", "INFO", "--without-gossip", "--without-mingle", "-E", *(extra_args or []),
     ]
-    proc = _spawn(f"worker-{name}", argv, log_dir, env)
+    proc = _spawn(f"worker-{name}", argv, log_dir, env, cwd)
 
     def ready() -> bool:
         if not proc.alive():

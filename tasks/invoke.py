@@ -14,6 +14,7 @@ from celery.exceptions import Ignore, Reject
 
 from config.registry import ServerBase
 from config.transports import listing_transport
+from workers import tracing
 from workers.app import app
 from workers.authz import authorize
 from workers.breaker.board import breaker_command
@@ -188,7 +189,9 @@ def invoke(self: Task, invocation: Any) -> dict[str, Any]:
     coro = execute(runtime, invocation, token_header=_header(self, TOKEN_HEADER), request_id=request_id,
                    lease=lease, taken_attempt=taken[1] if taken else None, taken_fresh=bool(taken and taken[2]),
                    previous=functools.partial(_stored_result, self.backend, request_id),
-                   forwardable=_forwardable(self))
+                   forwardable=_forwardable(self),
+                   # The task's span (Celery's instrumentation) is current in this thread, not on the loop's.
+                   trace_context=tracing.capture() if tracing.active else None)
     try:
         result = runtime.run_invocation(request_id, coro, wait)
     except TimeoutError:

@@ -27,6 +27,7 @@ from kombu import Queue  # type: ignore[attr-defined]
 from config.registry import Registry, RegistryError, load_registry
 from config.settings import Settings, get_settings
 from config.transports import UnknownTransport, catalog, default_transport, listing_transport
+from workers import tracing
 from workers.broker import broker_transport
 from workers.contract import ENQUEUED_HEADER, TASK_INVOKE, TASK_LIST_TOOLS
 from workers.leases import taken_with_messages
@@ -275,8 +276,16 @@ def _breaker_states() -> list[tuple[str, str]]:
     return [(status.target, status.state) for status in statuses]
 
 
+@worker_init.connect
+def _start_tracing(**_: Any) -> None:
+    # The main process (threads/solo pools run tasks there; prefork children inherit the provider, whose
+    # batch processor restarts its thread after a fork) and every child (worker_process_init, below).
+    tracing.setup("sark-worker")
+
+
 @worker_process_init.connect
 def _start_child_runtime(**_: Any) -> None:
+    tracing.setup("sark-worker")  # idempotent: set up before the fork already
     from workers.runtime import get_runtime
 
     get_runtime()
@@ -332,5 +341,12 @@ def _close_runtime(**_: Any) -> None:
     close_runtime()
 
 
+def _flush_traces(**_: Any) -> None:
+    tracing.shutdown()
+
+
 worker_process_shutdown.connect(_close_runtime)
 worker_shutdown.connect(_close_runtime)
+# After the runtime closed: the spans of the invocations it interrupted are ended by then.
+worker_process_shutdown.connect(_flush_traces)
+worker_shutdown.connect(_flush_traces)

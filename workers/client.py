@@ -20,6 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from config.settings import Settings, get_settings
+from workers import tracing
 from workers.contract import (
     TASK_GET_SERVER,
     TASK_HEALTH,
@@ -144,9 +145,14 @@ class SarkClient:
     Args:
         settings: broker/backend URLs, queue names (default: ``SARK_*`` environment).
         app: an existing Celery app to send with (default: one configured from ``settings``).
+
+    With tracing on (the standard ``OTEL_*`` variables, :mod:`workers.tracing`), every task it sends carries
+    the caller's current trace to the worker (Celery's instrumentation; a ``TracerProvider`` named
+    ``sark-client`` is set up unless the application has its own).
     """
 
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        tracing.setup("sark-client")
         self.settings = settings or get_settings()
         if app is None:
             from workers.app import create_app

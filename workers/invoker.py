@@ -7,13 +7,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from config.registry import ServerBase
 from config.settings import Settings
 from config.transports import UnknownTransport, default_transport, reaches
+from workers import tracing
 from workers.authz import authorize
 from workers.errors import (
     Cancelled,
@@ -39,6 +40,9 @@ from workers.scrub import call_secrets, scrub_error
 from workers.streams.publisher import StreamPublisher
 from workers.tokens import ENCRYPTED_PREFIX, check_not_expired, open_token
 from workers.transports.base import Call, ToolOutcome
+
+if TYPE_CHECKING:
+    from workers.otel import Traced
 
 __all__ = ["execute", "open_call_token", "resolve", "resolve_timeout"]
 
@@ -116,6 +120,7 @@ async def execute(
     taken_fresh: bool = False,
     previous: StoredResult | None = None,
     forwardable: bool = True,
+    trace_context: object | None = None,
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result (see :func:`_carry_out`); its
     outcome, duration and labels go to the process's metrics (:mod:`workers.metrics`)."""
@@ -124,7 +129,7 @@ async def execute(
     try:
         result = await _carry_out(runtime, raw, labels, token_header=token_header, request_id=request_id,
                                   lease=lease, taken_attempt=taken_attempt, taken_fresh=taken_fresh,
-                                  previous=previous, forwardable=forwardable)
+                                  previous=previous, forwardable=forwardable, trace_context=trace_context)
         outcome = "is_error" if result.is_error else "ok"
         if labels.tool is None:  # a stored result of an earlier start: label it as that start was
             _label(labels, runtime, result.server, result.tool, result.transport)
@@ -160,6 +165,7 @@ async def _carry_out(
     taken_fresh: bool,
     previous: StoredResult | None,
     forwardable: bool,
+    trace_context: object | None,
 ) -> InvocationResult:
     """Carry out one enqueued invocation and return its validated result.
 
@@ -180,6 +186,10 @@ async def _carry_out(
     ``attempt`` attribute says which start to take back), so the stream stays open for the worker that
     carries the invocation out; when False (forwarded once already), it ends the stream like any error.
 
+    ``trace_context``: the task's trace context (:func:`workers.tracing.capture`); with tracing on, the
+    invocation is the span ``sark.invoke <server>.<tool>`` under it (ended after every exception handler
+    below, so it sees the error the caller gets).
+
     Raises:
         SarkError: any typed failure, scrubbed of every secret the worker holds (:mod:`workers.scrub`)
             and never chained to a third-party exception; a fault of ours is :class:`InternalError`.
@@ -188,6 +198,7 @@ async def _carry_out(
     publisher: StreamPublisher | None = None
     attempt = 0
     with contextlib.ExitStack() as scope:
+        traced = scope.enter_context(tracing.invocation_span(request_id, trace_context)) if tracing.active else None
         # A sealed header is ciphertext bound to this task; a clear one is the token itself.
         # (One longer than any accepted token is refused without being echoed: no need to scrub for it.)
         clear_header = token_header if (isinstance(token_header, str) and not token_header.startswith(
@@ -200,6 +211,8 @@ async def _carry_out(
                 attempt = taken_attempt
             else:
                 attempt = await runtime.leases.acquire(request_id, lease, taken_attempt)
+            if traced is not None:
+                traced.set("sark.attempt", attempt)
             if attempt > 1:
                 stored = await _stored_result(request_id, attempt, previous)
                 if stored is not None:
@@ -218,7 +231,7 @@ async def _carry_out(
             token = open_call_token(s, token_header, request_id, raw)
             scope.enter_context(call_secrets(token))
             result = await _execute(runtime, raw, labels, token=token, request_id=request_id, attempt=attempt,
-                                    publisher=publisher)
+                                    publisher=publisher, traced=traced)
         except SarkError as exc:
             error = scrub_error(exc)
             if isinstance(error, NotServedHere) and forwardable:
@@ -284,6 +297,7 @@ async def _execute(
     request_id: str,
     attempt: int,
     publisher: StreamPublisher | None,
+    traced: Traced | None = None,
 ) -> InvocationResult:
     settings = runtime.settings
     invocation = parse_invocation(raw, max_argument_bytes=settings.max_argument_bytes)
@@ -295,6 +309,8 @@ async def _execute(
     server, transport_name = resolve(invocation, entry)
     labels.transport = transport_name
     timeout = resolve_timeout(invocation, server, settings)
+    if traced is not None:
+        traced.resolved(server=server.name, tool=invocation.tool, transport=transport_name)
     if server.policy is not None:
         authorize(server.name, server.policy, token, runtime.verifier, settings)
     transport = runtime.transport(transport_name)
@@ -316,6 +332,8 @@ async def _execute(
     lease = settings.invoke_attempts * (timeout + settings.invoke_wait_max) + 5.0
     outcome = await runtime.breakers.call(server, carry_out, lease=lease)
     duration_ms = (time.perf_counter() - started) * 1000.0
+    if traced is not None:
+        traced.set("sark.is_error", outcome.is_error)
     size = json_size(outcome.result)
     if size > settings.max_result_bytes:  # after the breaker's verdict: the target answered (errors.FAILURES)
         raise ResultTooLarge(

@@ -97,7 +97,7 @@ def test_warm_session_is_shared_by_concurrent_calls(celery_client: Celery, worke
 def test_list_tools_follows_pagination(celery_client: Celery) -> None:
     tools = celery_client.send_task("sark.list_tools", kwargs={"server": "fixture"}).get(timeout=30)
     names = {t["tool_name"] for t in tools}
-    assert len(tools) == len(names) == 30  # 18 tools + 12 padding ones, served 5 per page
+    assert len(tools) == len(names) == 31  # 19 tools + 12 padding ones, served 5 per page
     assert {"echo", "progress", "tool_11"} <= names
     echo = next(t for t in tools if t["tool_name"] == "echo")
     assert echo["parameters"][0]["name"] == "text" and echo["parameters"][0]["required"] is True

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from config.settings import Settings
-from workers import __version__
+from workers import __version__, tracing
 from workers.errors import (
     DiscoveryTimeout,
     GatewayUnavailable,
@@ -296,7 +296,17 @@ class GatewayClient:
         s = self._settings
 
         async def call() -> dict[str, Any]:
+            if tracing.active:  # one span per attempt, and its traceparent to the Gateway
+                with tracing.gateway_span("/invoke", server_id) as traced:
+                    assert traced is not None
+                    status, body = await self._post.post("/invoke", payload, traced.headers(headers), timeout=timeout,
+                                                         max_bytes=max_bytes)
+                    traced.set("http.response.status_code", status)
+                    return answer(status, body)
             status, body = await self._post.post("/invoke", payload, headers, timeout=timeout, max_bytes=max_bytes)
+            return answer(status, body)
+
+        def answer(status: int, body: bytes) -> dict[str, Any]:
             self._raise_for_status(status, body, "Tool execution")
             data = self._json(body, "invoke")
             if not isinstance(data, dict):

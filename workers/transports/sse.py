@@ -38,6 +38,7 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 from httpx_sse._decoders import SSEDecoder
 
 from config.registry import ServerBase
+from workers import tracing
 from workers.errors import (
     GatewayUnavailable,
     InvocationTimeout,
@@ -247,6 +248,15 @@ class SseTransport:
             headers["Authorization"] = f"Bearer {call.token}"
         if state.last_event_id is not None:
             headers["Last-Event-ID"] = state.last_event_id  # ASCII only: see _StreamState.remember
+        if tracing.active:  # one span per connection (a resume is another), its traceparent to the Gateway
+            with tracing.gateway_span("/invoke", str(payload["server_id"]), stream=True,
+                                      resume=state.last_event_id is not None) as traced:
+                assert traced is not None
+                await self._stream(call, payload, traced.headers(headers), state)
+            return
+        await self._stream(call, payload, headers, state)
+
+    async def _stream(self, call: Call, payload: dict[str, Any], headers: dict[str, str], state: _StreamState) -> None:
         async with aconnect_sse(
             self._gateway.http, "POST", "/invoke", json=payload, headers=headers, timeout=httpx.Timeout(call.timeout)
         ) as source:

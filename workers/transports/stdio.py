@@ -32,6 +32,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from config.registry import ServerBase, StdioServer
+from workers import tracing
 from workers.environment import launch_environment
 from workers.errors import (
     DiscoveryTimeout,
@@ -128,6 +129,13 @@ class ServerPool:
         Raises:
             SarkError: see the module docstring.
         """
+        if tracing.active:
+            with tracing.mcp_span("stdio", self.server.name, tool):
+                return await self._call_tool(tool, arguments, timeout=timeout, sink=sink)
+        return await self._call_tool(tool, arguments, timeout=timeout, sink=sink)
+
+    async def _call_tool(self, tool: str, arguments: dict[str, Any], *, timeout: float,
+                         sink: ChunkSink | None) -> ToolOutcome:
         forwarder = ProgressForwarder(sink) if sink is not None else None
         gen: Generation[StdioPipe] | None = None
         try:

@@ -58,6 +58,7 @@ from pydantic import ValidationError
 
 from config.registry import ServerBase
 from config.streamable_http_spec import StreamableHttpServer
+from workers import tracing
 from workers.errors import (
     AuthenticationFailed,
     DiscoveryTimeout,
@@ -484,6 +485,13 @@ class ServerSessions:
     async def call_tool(self, tool: str, arguments: dict[str, Any], *, timeout: float, token: str | None,
                         sink: ChunkSink | None) -> ToolOutcome:
         """Call ``tool`` on the warm session (starting it if needed) within ``timeout`` seconds in all."""
+        if tracing.active:
+            with tracing.mcp_span(_KIND, self.server.name, tool):
+                return await self._call_tool(tool, arguments, timeout=timeout, token=token, sink=sink)
+        return await self._call_tool(tool, arguments, timeout=timeout, token=token, sink=sink)
+
+    async def _call_tool(self, tool: str, arguments: dict[str, Any], *, timeout: float, token: str | None,
+                         sink: ChunkSink | None) -> ToolOutcome:
         if (missing := self._missing()) is not None:
             raise missing
         if token:
