@@ -225,6 +225,10 @@ def start_gateway(
     return proc
 
 
+#: Flower's task list: what ran (``kwargs`` shows ``server.tool(argument names)``, never values), as compose has it.
+FLOWER_TASKS_COLUMNS = "name,uuid,state,kwargs,received,started,runtime,worker"
+
+
 def start_flower(log_dir: Path, env: Mapping[str, str], user: str, password: str,
                  port: int | None = None) -> Proc:
     """Flower for the stack's broker on 127.0.0.1 behind basic auth (credentials passed in the environment,
@@ -232,7 +236,8 @@ def start_flower(log_dir: Path, env: Mapping[str, str], user: str, password: str
     port = port or free_port()
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}", "--address=127.0.0.1",
             "--persistent=False"]
-    proc = _spawn(f"flower-{port}", argv, log_dir, {**env, "FLOWER_BASIC_AUTH": f"{user}:{password}"})
+    proc = _spawn(f"flower-{port}", argv, log_dir, {**env, "FLOWER_BASIC_AUTH": f"{user}:{password}",
+                                                    "FLOWER_TASKS_COLUMNS": FLOWER_TASKS_COLUMNS})
     proc.url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:

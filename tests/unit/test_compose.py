@@ -71,6 +71,10 @@ def test_flower_has_basic_auth_and_the_app() -> None:
     flower = _services()["flower"]
     assert flower["command"][:4] == ["celery", "-A", "workers.app", "flower"]
     assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    from devkit.stack import FLOWER_TASKS_COLUMNS
+
+    columns = flower["environment"]["FLOWER_TASKS_COLUMNS"]
+    assert columns == FLOWER_TASKS_COLUMNS and "kwargs" in columns.split(",") and "args" not in columns.split(",")
     assert ENV_EXAMPLE["FLOWER_BASIC_AUTH"].count(":") == 1
 
 
