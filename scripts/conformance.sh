@@ -22,18 +22,32 @@ fi
 python="${CONFORMANCE_PYTHON:-$root/.venv/bin/python}"
 
 command -v node >/dev/null 2>&1 || { echo "conformance: node (>= 20) and npm are needed" >&2; exit 1; }
-manifest="$prefix/node_modules/@modelcontextprotocol/conformance/package.json"
-installed="$( [ -f "$manifest" ] && node -p "require('./$manifest').version" 2>/dev/null || true)"
-if [ "$installed" != "$version" ]; then
-  echo "conformance: installing @modelcontextprotocol/conformance@$version into $prefix" >&2
-  npm install --prefix "$prefix" "@modelcontextprotocol/conformance@$version" --no-audit --no-fund --silent
-fi
+# Pinned install: scripts/conformance/package.json (the exact suite version) and its package-lock.json (every
+# transitive dependency, with integrity hashes), installed with `npm ci` from a copy in $prefix. The lockfile's
+# checksum is kept beside the install; an install made from the same lockfile is reused.
+pins=scripts/conformance
+lock_sum="$(sha256sum "$pins/package-lock.json" "$pins/package.json" | sha256sum | cut -d' ' -f1)"
+stamp="$prefix/.installed-lock.sha256"
 suite="$prefix/node_modules/.bin/conformance"
+if [ ! -x "$suite" ] || [ "$(cat "$stamp" 2>/dev/null || true)" != "$lock_sum" ]; then
+  echo "conformance: installing @modelcontextprotocol/conformance@$version into $prefix (npm ci, $pins/package-lock.json)" >&2
+  rm -rf "$prefix"
+  mkdir -p "$prefix"
+  cp "$pins/package.json" "$pins/package-lock.json" "$prefix/"
+  npm ci --prefix "$prefix" --no-audit --no-fund --silent
+  installed="$(node -p "require('./$prefix/node_modules/@modelcontextprotocol/conformance/package.json').version")"
+  if [ "$installed" != "$version" ]; then
+    echo "conformance: the lockfile installed suite $installed, expected $version ($pins/ and \$version disagree)" >&2
+    exit 1
+  fi
+  echo "$lock_sum" > "$stamp"
+fi
 
 rm -rf "$results"
 mkdir -p "$results"
-# The suite appends the test server's url to this command and runs it through a shell.
-client="env PYTHONPATH=$root $python -m devkit.conformance_client"
+# The suite appends the test server's url to this command and runs it through a shell (sh -c); exec: the
+# SIGTERM it sends when --timeout runs out then reaches the client, which stops its Redis and worker.
+client="exec env PYTHONPATH=$root $python -m devkit.conformance_client"
 
 run_scenario() {  # $1: scenario; output to the terminal and to $results/<scenario>.log
   local log="$results/${1//\//_}.log"
@@ -44,12 +58,14 @@ run_scenario() {  # $1: scenario; output to the terminal and to $results/<scenar
 
 declare -A outcome
 failed=0
+retried=0
 for scenario in "${scenarios[@]}"; do
   if run_scenario "$scenario"; then
     outcome[$scenario]=PASSED
   elif [ "$scenario" = sse-retry ]; then
     # Timing sensitive (reconnect within the server's retry window): one more try on a busy machine.
     echo "conformance: sse-retry failed; retrying it once (timing sensitive)" >&2
+    retried=1
     if run_scenario "$scenario"; then
       outcome[$scenario]="PASSED (on retry)"
     else
@@ -66,6 +82,9 @@ printf '  %-32s %s\n' scenario result
 for scenario in "${scenarios[@]}"; do
   printf '  %-32s %s\n' "$scenario" "${outcome[$scenario]}"
 done
+if [ "$retried" -ne 0 ]; then
+  echo "  note: sse-retry failed its first run and was run a second time (its log holds both runs)"
+fi
 echo "  checks: $results/"
 if [ "$failed" -ne 0 ]; then
   echo "conformance: $failed scenario(s) failed" >&2
