@@ -118,3 +118,49 @@ def test_readme_example_runs_as_written(example: Example, fleet: tuple[Path, dic
     assert done.returncode == 0, f"README line {example.line}:\n{example.code}\n{done.stdout}\n{done.stderr}"
     if "echo add" in example.code or '"tool": "add"' in example.code or '"add"' in example.code:
         assert '"sum": 3' in done.stdout or "'sum': 3" in done.stdout, done.stdout
+
+
+#: Inline `sark …` commands of the README that run to completion against the fleet and change nothing
+#: lasting in it (those naming a placeholder, serving until stopped or starting another fleet are left out:
+#: `INLINE_LEFT_OUT` says which and why).
+INLINE_RUNNABLE = {"transports", "keygen", "fleet", "invoke", "servers", "breakers", "check-config", "tools"}
+INLINE_LEFT_OUT = {
+    "worker": "serves until stopped (tests/integration/test_cli.py starts real workers)",
+    "up": "serves until stopped (the fixture above is `sark up`)",
+    "demo": "starts another fleet (tests/integration/test_up.py)",
+    "gateway": "serves until stopped (tests/integration/test_cli.py)",
+    "stream": "needs a task id",
+    "cancel": "needs a task id",
+}
+
+
+def inline_commands() -> list[tuple[int, str]]:
+    """(line, command) of every inline `sark …` span that is a whole command with no placeholder."""
+    found = []
+    for number, line in enumerate(README.read_text(encoding="utf-8").splitlines(), start=1):
+        for command in re.findall(r"`(sark [^`]+)`", line):
+            words = command.split()
+            placeholder = re.search(r"<[^>]*>|\[[A-Z]+\]|\b[A-Z]{1,}\b|…", command)
+            whole = words[1] != "invoke" or len(words) >= 4
+            if words[1] in INLINE_RUNNABLE and not placeholder and whole:
+                found.append((number, command))
+            else:
+                assert words[1] in INLINE_RUNNABLE | set(INLINE_LEFT_OUT), f"README line {number}: {command!r}"
+    return found
+
+
+INLINE = inline_commands()
+
+
+@pytest.mark.parametrize(("line", "command"), INLINE, ids=[f"line{n}" for n, _ in INLINE])
+def test_readme_inline_command_runs(line: int, command: str, fleet: tuple[Path, dict[str, str]]) -> None:
+    home, env = fleet
+    script = f"set -a; . .sark/up/up.env; set +a\n{command}\n"
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=home, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"README line {line}: {command}\n{done.stdout}\n{done.stderr}"
+
+
+def test_inline_commands_counted() -> None:
+    assert len(INLINE) >= 8
+    print(f"README inline sark commands run: {len(INLINE)}: {sorted({c for _, c in INLINE})}")
