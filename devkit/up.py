@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
-from devkit.stack import DEFAULT_JWT_SECRET, EXAMPLE_MCP_URL, DevStack, start_flower
+from devkit.stack import DEFAULT_JWT_SECRET, EXAMPLE_MCP_URL, DevStack, free_port, start_flower
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -78,9 +78,12 @@ def run(args: argparse.Namespace) -> int:
         transports = list(catalog())
         print(f"starting one worker per transport ({', '.join(transports)}) and Flower …", flush=True)
         user, password = "sark", secrets.token_urlsafe(12)
+        # Each worker serves its Prometheus metrics on a port of its own (workers/metrics.py).
+        metrics = {name: f"http://127.0.0.1:{free_port()}/metrics" for name in transports}
         with ThreadPoolExecutor(len(transports) + 1) as pool:
-            workers = [pool.submit(stack.worker, name, queues=settings.queue_for(name),
-                                   concurrency=args.concurrency) for name in transports]
+            workers = [pool.submit(stack.worker, name, queues=settings.queue_for(name), concurrency=args.concurrency,
+                                   env={"SARK_METRICS_PORT": metrics[name].split(":")[2].split("/")[0]})
+                       for name in transports]
             flower_started = pool.submit(start_flower, stack.log_dir, stack.base_env(), user, password,
                                          args.flower_port or None)
             for future in workers:
@@ -108,7 +111,8 @@ sark-workers is up (Ctrl-C stops everything):
   reference Gateway   {stack.gateway.url}   (dev JWT secret: devkit.stack.DEFAULT_JWT_SECRET)
   example MCP server  {stack.mcp_http.url}   (streamable-http, registry entry example-http)
   workers             {', '.join(f'{n} -> {settings.queue_for(n)}' for n in transports)}
-  Flower              {flower.url}   user {user}, password {password}
+  Flower              {flower.url}   user {user}, password {password}   (Flower's own metrics: /metrics)
+  metrics             {'  '.join(f'{n} {url}' for n, url in metrics.items())}
   logs                {stack.log_dir}
 Enqueue from another shell or app:
   set -a; . {env_file}; set +a

@@ -51,6 +51,11 @@ def test_sark_up_stays_up_for_another_app_and_stops_on_ctrl_c(tmp_path: Path) ->
         broker = re.search(r"broker and results\s+(redis://\S+)", out)
         assert flower and broker, out
         url, user, password = flower.groups()
+        metrics = re.findall(r"(http://127\.0\.0\.1:\d+/metrics)", out)
+        assert len(metrics) == 4, out  # one per worker
+        scraped = "".join(httpx.get(m, timeout=10).text for m in metrics)
+        assert any(line.startswith("sark_invocations_total{") and 'server="echo"' in line and 'outcome="ok"' in line
+                   for line in scraped.splitlines()), scraped[:3000]  # the demo's calls, counted
         assert httpx.get(f"{url}/api/workers", timeout=10).status_code == 401
         workers = httpx.get(f"{url}/api/workers?refresh=1", auth=(user, password), timeout=30).json()
         assert len(workers) == 4, workers  # one per transport
