@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from bench.common import (
+    EchoCall,
     alternating_throughput,
     interleaved,
     ratio,
@@ -21,7 +22,7 @@ from bench.common import (
     table,
     throughput,
 )
-from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
+from devkit.stack import DevStack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from config.settings import Settings
-    from devkit.gateway import make_token
     from workers.app import create_app
 
     with DevStack() as stack:
@@ -45,18 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         import bench.bare_app as bare
 
         sark = create_app(Settings())
-        token = make_token(DEFAULT_JWT_SECRET)
         assert stack.gateway is not None
-        target = f"{stack.gateway.url}/invoke"
-        payload = {"server_id": "echo", "tool_name": "echo", "parameters": {"x": 1}, "request_id": "bench"}
-        headers = {"Authorization": f"Bearer {token}", "X-API-Key": DEFAULT_API_KEY}
-        invocation = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
+        echo = EchoCall(stack.gateway.url)
+        token, invocation = echo.token, echo.invocation
 
         def send_noop():  # type: ignore[no-untyped-def]
             return bare.noop.apply_async()
 
         def send_post():  # type: ignore[no-untyped-def]
-            return bare.post.apply_async((target, payload, headers))
+            return bare.post.apply_async(echo.post_args)
 
         def send_invoke():  # type: ignore[no-untyped-def]
             return send_invocation(sark, invocation, token)

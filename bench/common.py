@@ -16,6 +16,22 @@ from celery.result import AsyncResult
 RESULTS = Path(__file__).with_name("results")
 
 
+class EchoCall:
+    """The one call the HTTP benchmarks compare: ``echo.echo(x=1)`` on the stack's reference Gateway, as a
+    sark invocation (``invocation``, sent with ``token``) and as the bare task's raw POST (``post_args``)."""
+
+    def __init__(self, gateway_url: str) -> None:
+        from devkit.gateway import make_token
+        from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET
+
+        self.invocation: dict[str, Any] = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
+        self.token = make_token(DEFAULT_JWT_SECRET)
+        payload = {"server_id": "echo", "tool_name": "echo", "parameters": {"x": 1}, "request_id": "bench"}
+        headers = {"Authorization": f"Bearer {self.token}", "X-API-Key": DEFAULT_API_KEY}
+        #: ``bench.bare_app.post``'s arguments: the same call as a plain HTTP POST.
+        self.post_args = (f"{gateway_url}/invoke", payload, headers)
+
+
 def send_invocation(app: Celery, invocation: dict[str, Any], token: str, **options: Any) -> AsyncResult:
     """``sark.invoke`` as an app sends it by default: the token sealed for this task (SARK_TOKEN_KEY)."""
     import os

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from celery.result import AsyncResult
 
-from bench.common import RESULTS, send_invocation, throughput
-from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
+from bench.common import RESULTS, EchoCall, send_invocation, throughput
+from devkit.stack import DevStack
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
     from config.settings import Settings
-    from devkit.gateway import make_token
     from workers.app import create_app
 
     # SARK_* settings given to this command reach the sark worker (for A/B runs of one setting).
@@ -82,14 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         import bench.bare_app as bare
 
         sark = create_app(Settings())
-        token = make_token(DEFAULT_JWT_SECRET)
         assert stack.gateway is not None and stack.redis is not None
-        target = f"{stack.gateway.url}/invoke"
-        payload = {"server_id": "echo", "tool_name": "echo", "parameters": {"x": 1}, "request_id": "bench"}
-        headers = {"Authorization": f"Bearer {token}", "X-API-Key": DEFAULT_API_KEY}
-        invocation = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
+        echo = EchoCall(stack.gateway.url)
+        token, invocation = echo.token, echo.invocation
         senders: dict[str, Callable[[], AsyncResult]] = {
-            "bare": lambda: bare.post.apply_async((target, payload, headers)),
+            "bare": lambda: bare.post.apply_async(echo.post_args),
             "sark": lambda: send_invocation(sark, invocation, token),
         }
         for send in senders.values():

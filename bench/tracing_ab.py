@@ -22,8 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from bench.common import interleaved, ratio, round_trip, save, send_invocation, table
-from devkit.stack import DEFAULT_API_KEY, DEFAULT_JWT_SECRET, DevStack
+from bench.common import EchoCall, interleaved, ratio, round_trip, save, send_invocation, table
+from devkit.stack import DevStack
 
 
 class _Sink(BaseHTTPRequestHandler):
@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from config.settings import Settings
-    from devkit.gateway import make_token
     from workers.app import create_app
 
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
@@ -72,14 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         stack.worker("bare", app="bench.bare_app", queues="bare", concurrency=args.concurrency)
         import bench.bare_app as bare
 
-        token = make_token(DEFAULT_JWT_SECRET)
         assert stack.gateway is not None
-        target = f"{stack.gateway.url}/invoke"
-        payload = {"server_id": "echo", "tool_name": "echo", "parameters": {"x": 1}, "request_id": "bench"}
-        headers = {"Authorization": f"Bearer {token}", "X-API-Key": DEFAULT_API_KEY}
-        invocation = {"server": "echo", "tool": "echo", "arguments": {"x": 1}}
+        echo = EchoCall(stack.gateway.url)
+        token, invocation = echo.token, echo.invocation
 
-        calls = {"bare POST": round_trip(lambda: bare.post.apply_async((target, payload, headers)))}
+        calls = {"bare POST": round_trip(lambda: bare.post.apply_async(echo.post_args))}
         for kind, app in apps.items():
             calls[kind] = round_trip(lambda app=app: send_invocation(app, invocation, token))  # type: ignore[misc]
         lat = interleaved(calls, args.n, warmup=50)
