@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from celery import Celery
 from celery.result import AsyncResult
@@ -36,6 +37,23 @@ def http_server(handler: type[BaseHTTPRequestHandler], ssl_context: ssl.SSLConte
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def clients_configured(env: Mapping[str, str]) -> Iterator[dict[str, str]]:
+    """``env`` (a registry path, a plug-in…) set in this process's environment for its clients, with the
+    transport catalog re-read, for the ``with`` block; then both as they were. Yields ``env``."""
+    from config.transports import reset_catalog
+
+    patch = pytest.MonkeyPatch()
+    for key, value in env.items():
+        patch.setenv(key, value)
+    reset_catalog()
+    try:
+        yield dict(env)
+    finally:
+        patch.undo()
+        reset_catalog()
 
 
 def settings_with(env: Mapping[str, str]) -> Settings:

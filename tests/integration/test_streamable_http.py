@@ -15,10 +15,9 @@ import pytest
 from celery import Celery
 from celery.exceptions import TaskRevokedError
 
-from config.transports import reset_catalog
 from devkit.gateway import make_token
 from devkit.stack import DEFAULT_JWT_SECRET, DevStack, Proc, wait_for
-from tests.helpers import invoke, send_invoke, settings_with, token_headers
+from tests.helpers import clients_configured, invoke, send_invoke, settings_with, token_headers
 from workers.client import CANCEL_COMMAND
 from workers.errors import (
     AuthenticationFailed,
@@ -114,13 +113,8 @@ servers:
   cached: {{transport: streamable-http, url: "{servers['cached'].url}"}}
   uncached: {{transport: streamable-http, url: "{servers['uncached'].url}"}}
 """)
-    env = {"SARK_REGISTRY_PATH": str(registry), "MCP_GOOD": SECRET, "MCP_WRONG": "not-it"}
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SARK_REGISTRY_PATH", str(registry))
-    reset_catalog()
-    yield env
-    mp.undo()
-    reset_catalog()
+    with clients_configured({"SARK_REGISTRY_PATH": str(registry)}) as env:
+        yield {**env, "MCP_GOOD": SECRET, "MCP_WRONG": "not-it"}
 
 
 @pytest.fixture(scope="module")

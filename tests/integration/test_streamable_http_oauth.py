@@ -14,9 +14,8 @@ from urllib.parse import quote
 import pytest
 from celery import Celery
 
-from config.transports import reset_catalog
 from devkit.stack import DevStack, Proc
-from tests.helpers import invoke, send_invoke, settings_with
+from tests.helpers import clients_configured, invoke, send_invoke, settings_with
 from tests.integration.test_streamable_http import McpServer, _start
 from workers.errors import AuthenticationFailed, SarkError
 
@@ -63,13 +62,8 @@ def oauth_env(oauth_servers: dict[str, McpServer],
                         + entry("wrong", "client_secret_basic", "MCP_OAUTH_WRONG")
                         + entry("short", "client_secret_post", "MCP_OAUTH_SECRET")
                         + entry("json", "client_secret_basic", "MCP_OAUTH_SECRET"))
-    env = {"SARK_REGISTRY_PATH": str(registry), "MCP_OAUTH_SECRET": SECRET, "MCP_OAUTH_WRONG": WRONG}
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SARK_REGISTRY_PATH", str(registry))
-    reset_catalog()
-    yield env
-    mp.undo()
-    reset_catalog()
+    with clients_configured({"SARK_REGISTRY_PATH": str(registry)}) as env:
+        yield {**env, "MCP_OAUTH_SECRET": SECRET, "MCP_OAUTH_WRONG": WRONG}
 
 
 @pytest.fixture(scope="module")

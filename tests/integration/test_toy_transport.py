@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from config.transports import PLUGINS_VARIABLE, reset_catalog
+from config.transports import PLUGINS_VARIABLE
 from devkit.stack import DevStack, Proc
-from tests.helpers import invoke, settings_with
+from tests.helpers import clients_configured, invoke, settings_with
 from workers.errors import CircuitOpen, NotServedHere, TransportError
 from workers.streams import reader as stream_client
 
@@ -35,16 +35,11 @@ servers:
 
 
 @pytest.fixture()
-def toy_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def toy_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     registry = tmp_path / "servers.yaml"
     registry.write_text(REGISTRY)
-    env = {PLUGINS_VARIABLE: "tests.toy_transport", "SARK_REGISTRY_PATH": str(registry)}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    reset_catalog()
-    yield env
-    monkeypatch.delenv(PLUGINS_VARIABLE)
-    reset_catalog()
+    with clients_configured({PLUGINS_VARIABLE: "tests.toy_transport", "SARK_REGISTRY_PATH": str(registry)}) as env:
+        yield env
 
 
 @pytest.fixture()

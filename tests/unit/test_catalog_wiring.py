@@ -14,7 +14,8 @@ import yaml
 from config import registry as registry_module
 from config.registry import GatewayServer, Registry, RegistryError, ServerBase, StdioServer, load_registry
 from config.settings import Settings
-from config.transports import PLUGINS_VARIABLE, reset_catalog
+from config.transports import PLUGINS_VARIABLE
+from tests.helpers import clients_configured
 from workers.runtime import transports_for_queues
 
 REGISTRY = """
@@ -25,12 +26,9 @@ servers:
 
 
 @pytest.fixture()
-def toy_catalog(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv(PLUGINS_VARIABLE, "tests.toy_transport")
-    reset_catalog()
-    yield
-    monkeypatch.delenv(PLUGINS_VARIABLE)
-    reset_catalog()
+def toy_catalog() -> Iterator[None]:
+    with clients_configured({PLUGINS_VARIABLE: "tests.toy_transport"}):
+        yield
 
 
 def test_concurrent_first_loads_all_validate(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,17 +63,12 @@ def test_concurrent_first_loads_all_validate(monkeypatch: pytest.MonkeyPatch) ->
     assert failures == []
 
 
-def test_a_plugin_that_does_not_import_is_a_registry_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_plugin_that_does_not_import_is_a_registry_error(tmp_path: Path) -> None:
     path = tmp_path / "servers.yaml"
     path.write_text(REGISTRY)
-    monkeypatch.setenv(PLUGINS_VARIABLE, "tests.no_such_plugin_module")
-    reset_catalog()
-    try:
-        with pytest.raises(RegistryError, match="no_such_plugin_module"):
-            load_registry(path)
-    finally:
-        monkeypatch.delenv(PLUGINS_VARIABLE)
-        reset_catalog()
+    with clients_configured({PLUGINS_VARIABLE: "tests.no_such_plugin_module"}), \
+            pytest.raises(RegistryError, match="no_such_plugin_module"):
+        load_registry(path)
 
 
 def test_models_given_directly_must_be_their_transports_model() -> None:
@@ -120,19 +113,14 @@ def test_a_worker_builds_the_transports_of_its_queues(toy_catalog: None) -> None
     assert transports_for_queues(settings, ["sark.http", "custom"]) == every
 
 
-def test_an_app_imports_with_a_broken_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_app_imports_with_a_broken_plugin() -> None:
     # A plug-in that does not import must not make `import workers.app` (clients, the worker) crash: the
     # built-in queues are declared, and check-config names the problem.
     from workers.app import create_app
 
-    monkeypatch.setenv(PLUGINS_VARIABLE, "tests.no_such_plugin_module")
-    reset_catalog()
-    try:
+    with clients_configured({PLUGINS_VARIABLE: "tests.no_such_plugin_module"}):
         app = create_app(Settings())
         try:
             assert [queue.name for queue in app.conf.task_queues] == ["sark.http", "sark.sse", "sark.stdio"]
         finally:
             app.close()
-    finally:
-        monkeypatch.delenv(PLUGINS_VARIABLE)
-        reset_catalog()
