@@ -36,7 +36,7 @@ from devkit.stack import DevStack, Proc, wait_for
 from tests.conftest import GatewayControl
 from tests.helpers import settings_with
 from workers import tracing
-from workers.client import SarkClient
+from workers.client import InvocationHandle, SarkClient
 from workers.errors import ToolError
 
 QUEUE_HTTP = "sark.traced"
@@ -210,12 +210,16 @@ def _no_secret_in(spans: list[ReceivedSpan], *secrets: str) -> None:
                 assert secret not in str(value), f"{span.name}: attribute {key} holds a secret"
 
 
+def _invoke_in_a_trace(client: SarkClient, *args: Any, **options: Any) -> tuple[InvocationHandle, str]:
+    """``client.invoke(...)`` under the app's own span "client request"; the handle and its trace id (hex)."""
+    with trace.get_tracer("test").start_as_current_span("client request") as root:
+        handle = client.invoke(*args, **options)
+        return handle, format(root.get_span_context().trace_id, "032x")
+
+
 def test_one_trace_spans_client_worker_and_gateway(client: SarkClient, receiver: Receiver, user_token: str,
                                                    gateway_control: GatewayControl) -> None:
-    tracer = trace.get_tracer("test")
-    with tracer.start_as_current_span("client request") as root:
-        handle = client.invoke("echo", "add", {"a": 20, "b": 22}, token=user_token)
-        trace_id = format(root.get_span_context().trace_id, "032x")
+    handle, trace_id = _invoke_in_a_trace(client, "echo", "add", {"a": 20, "b": 22}, token=user_token)
     assert handle.result(timeout=30).result["structuredContent"] == {"sum": 42.0}
 
     spans = _spans(receiver, trace_id, "client request", "apply_async/sark.invoke", "run/sark.invoke",
@@ -241,10 +245,8 @@ def test_one_trace_spans_client_worker_and_gateway(client: SarkClient, receiver:
 
 def test_a_failed_invocation_is_an_error_span_with_its_code_only(client: SarkClient, receiver: Receiver,
                                                                   user_token: str) -> None:
-    tracer = trace.get_tracer("test")
-    with tracer.start_as_current_span("client request") as root:
-        handle = client.invoke("echo", "no_such_tool", {"secret-ish": "s3cr3t-value"}, token=user_token)
-        trace_id = format(root.get_span_context().trace_id, "032x")
+    handle, trace_id = _invoke_in_a_trace(client, "echo", "no_such_tool", {"secret-ish": "s3cr3t-value"},
+                                          token=user_token)
     with pytest.raises(ToolError) as failed:
         handle.result(timeout=30)
     assert failed.value.status_code == 404
@@ -257,10 +259,7 @@ def test_a_failed_invocation_is_an_error_span_with_its_code_only(client: SarkCli
 
 
 def test_mcp_servers_get_the_trace_in_meta(client: SarkClient, receiver: Receiver) -> None:
-    tracer = trace.get_tracer("test")
-    with tracer.start_as_current_span("client request") as root:
-        handle = client.invoke("traced-mcp", "trace_meta", {})
-        trace_id = format(root.get_span_context().trace_id, "032x")
+    handle, trace_id = _invoke_in_a_trace(client, "traced-mcp", "trace_meta", {})
     seen = handle.result(timeout=30).result["structuredContent"]
 
     spans = _spans(receiver, trace_id, "run/sark.invoke", "sark.invoke traced-mcp.trace_meta", "mcp tools/call",
@@ -276,10 +275,8 @@ def test_mcp_servers_get_the_trace_in_meta(client: SarkClient, receiver: Receive
 def test_a_streamed_invocation_carries_the_trace_to_the_gateway(client: SarkClient, receiver: Receiver,
                                                                user_token: str,
                                                                gateway_control: GatewayControl) -> None:
-    tracer = trace.get_tracer("test")
-    with tracer.start_as_current_span("client request") as root:
-        handle = client.invoke("echo-stream", "stream_data", {"count": 3}, token=user_token, stream=True)
-        trace_id = format(root.get_span_context().trace_id, "032x")
+    handle, trace_id = _invoke_in_a_trace(client, "echo-stream", "stream_data", {"count": 3}, token=user_token,
+                                          stream=True)
     assert [chunk.seq for chunk in handle.stream()] == [0, 1, 2]
 
     spans = _spans(receiver, trace_id, "sark.invoke echo-stream.stream_data", "gateway POST /invoke")
@@ -292,10 +289,7 @@ def test_a_streamed_invocation_carries_the_trace_to_the_gateway(client: SarkClie
 
 
 def test_stdio_servers_get_the_trace_in_meta(client: SarkClient, receiver: Receiver) -> None:
-    tracer = trace.get_tracer("test")
-    with tracer.start_as_current_span("client request") as root:
-        handle = client.invoke("traced-stdio", "trace_meta", {})
-        trace_id = format(root.get_span_context().trace_id, "032x")
+    handle, trace_id = _invoke_in_a_trace(client, "traced-stdio", "trace_meta", {})
     seen = handle.result(timeout=30).result["structuredContent"]
 
     spans = _spans(receiver, trace_id, "sark.invoke traced-stdio.trace_meta", "mcp tools/call",
